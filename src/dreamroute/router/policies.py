@@ -1,0 +1,210 @@
+"""Routing policies behind one protocol.
+
+Every policy implements ``route(request, view) -> Decision`` (commit to a
+first tier before any model answers), ``escalate(decision, call, view)``
+(cascade: the next tier, or None) and ``update(decision, answer, outcomes)``.
+The engine runs the same loop for all of them, live or replayed.
+
+- ``dreamroute``: p̂ − λ·ATP/B with Thompson sampling, learned cascade, audits.
+- ``always:TIER``: one tier for everything.
+- ``random``: a uniformly random tier, or with ``random:P`` the top tier with
+  probability P and the cheapest otherwise (RouteLLM's random router).
+- ``cascade``: cheapest first, escalate while confidence < threshold
+  (FrugalGPT, Chen et al. 2023; AutoMix, Madaan et al. 2023), ``cascade:T``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from ..errors import ConfigError, UnknownTierError
+from .memory import BudgetPacer, Memory, Neighbourhood
+from .types import Answer, Call, Decision, Outcome, Request
+
+
+@dataclass
+class RouteView:
+    """What a policy may look at when deciding: signals, neighbours, learned state."""
+
+    signals: object
+    hood: Neighbourhood
+    memory: Memory
+    pacer: BudgetPacer
+    prompt_chars: int
+
+
+class Policy(Protocol):
+    name: str
+    audits: bool
+
+    def route(self, request: Request, view: RouteView) -> Decision: ...
+
+    def escalate(self, decision: Decision, call: Call, view: RouteView) -> str | None: ...
+
+    def update(self, decision: Decision, answer: Answer, outcomes: list[Outcome]) -> None: ...
+
+
+class _Base:
+    audits = False
+    needs_surprise = False
+
+    def __init__(self, tiers: list[str], seed: int = 0):
+        self.tiers = list(tiers)
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+
+    def _decision(self, request: Request, view: RouteView, tier: str, **kw) -> Decision:
+        return Decision(request_id=request.request_id, policy=self.name, tier=tier, signals=view.signals,
+                        lam=view.pacer.lam, **kw)
+
+    def escalate(self, decision: Decision, call: Call, view: RouteView) -> str | None:
+        return None
+
+    def update(self, decision: Decision, answer: Answer, outcomes: list[Outcome]) -> None:
+        return None
+
+
+class AlwaysPolicy(_Base):
+    """Send every request to one tier."""
+
+    def __init__(self, tiers: list[str], tier: str, seed: int = 0):
+        super().__init__(tiers, seed)
+        if tier not in tiers:
+            raise UnknownTierError(tier, tiers)
+        self.tier = tier
+        self.name = f"always:{tier}"
+
+    def route(self, request: Request, view: RouteView) -> Decision:
+        return self._decision(request, view, self.tier)
+
+
+class RandomPolicy(_Base):
+    """A random tier: uniform, or the top tier with probability ``p_top`` else the cheapest."""
+
+    def __init__(self, tiers: list[str], p_top: float | None = None, seed: int = 0):
+        super().__init__(tiers, seed)
+        if p_top is not None and not 0.0 <= p_top <= 1.0:
+            raise ConfigError(f"random:P needs P in [0, 1], got {p_top}")
+        self.p_top = p_top
+        self.name = "random" if p_top is None else f"random:{p_top:g}"
+
+    def route(self, request: Request, view: RouteView) -> Decision:
+        if self.p_top is None:
+            tier = self.tiers[int(self.rng.integers(len(self.tiers)))]
+        else:
+            tier = self.tiers[-1] if self.rng.random() < self.p_top else self.tiers[0]
+        return self._decision(request, view, tier)
+
+
+class CascadePolicy(_Base):
+    """Cheapest tier first; escalate one tier up while confidence < ``threshold``.
+
+    A response with no confidence signal (no logprobs, no answer form) is not escalated.
+    """
+
+    def __init__(self, tiers: list[str], threshold: float = 0.5, seed: int = 0):
+        super().__init__(tiers, seed)
+        self.threshold = threshold
+        self.name = f"cascade:{threshold:g}"
+
+    def route(self, request: Request, view: RouteView) -> Decision:
+        return self._decision(request, view, self.tiers[0])
+
+    def escalate(self, decision: Decision, call: Call, view: RouteView) -> str | None:
+        i = self.tiers.index(call.tier)
+        if i + 1 < len(self.tiers) and call.confidence is not None and call.confidence < self.threshold:
+            return self.tiers[i + 1]
+        return None
+
+
+class DreamroutePolicy(_Base):
+    """The trust router (DESIGN.md steps 3–6).
+
+    For each tier t: the neighbours give s_t successes in m_t trials among
+    its k nearest experiences; the context trust Beta(α, β) gives θ_t. The
+    posterior P(success | x, t) ~ Beta(1 + s_t + w·θ_t, 1 + m_t − s_t + w(1 − θ_t))
+    with w = ``shrinkage`` pseudo-observations; p̂_t is its mean, and a
+    Thompson draw of it (θ_t itself drawn from the trust posterior) is what
+    the choice maximises: draw_t − λ·ATP_t/B, subject to the quality target.
+
+    Escalation (DESIGN.md step 5): after tier t answers with confidence c
+    below ``escalate_below``, the learned P(success | t, c) is compared with
+    the next tier's p̂; escalate when that gain exceeds the next call's
+    λ-priced ATP and the budget allows it.
+    Audit: with probability a + b·n(x)², budget permitting.
+    """
+
+    audits = True
+    needs_surprise = True
+
+    def __init__(self, tiers: list[str], config, seed: int = 0, quality_target: float | None = None):
+        super().__init__(tiers, seed)
+        self.config = config
+        self.quality_target = quality_target if quality_target is not None else config.quality_target
+        self.name = "dreamroute"
+
+    def estimates(self, view: RouteView, sample: bool) -> dict[str, float]:
+        w = self.config.shrinkage
+        out = {}
+        for t in self.tiers:
+            st = view.memory.trust_state(t, view.signals.context)
+            theta = st.sample(self.rng) if sample else st.mean
+            s, m = view.memory.neighbour_counts(view.hood, t)
+            a, b = 1.0 + s + w * theta, 1.0 + (m - s) + w * (1.0 - theta)
+            out[t] = float(self.rng.beta(a, b)) if sample else a / (a + b)
+        return out
+
+    def route(self, request: Request, view: RouteView) -> Decision:
+        p_hat = self.estimates(view, sample=False)
+        draw = self.estimates(view, sample=True)
+        atp = {t: view.memory.expected_atp(view.hood, t, view.prompt_chars, request.max_tokens) for t in self.tiers}
+        target = self.quality_target
+        if request.priority >= 0.5 and target is not None:
+            target = min(1.0, target + 0.1)
+        allowed = [t for t in self.tiers if target is None or p_hat[t] >= target] or [max(self.tiers, key=p_hat.get)]
+        score = {t: draw[t] - view.pacer.price(atp[t]) for t in allowed}
+        tier = max(allowed, key=lambda t: (score[t], -self.tiers.index(t)))
+        greedy = max(allowed, key=lambda t: (p_hat[t] - view.pacer.price(atp[t]), -self.tiers.index(t)))
+        n = view.signals.novelty
+        p_audit = self.config.audit_base + self.config.audit_novelty * n * n
+        top = self.tiers.index(tier) + 1 < len(self.tiers)
+        audit = bool(top and self.rng.random() < p_audit)
+        return self._decision(request, view, tier, p_hat=p_hat, expected_atp=atp, audit=audit,
+                              explored=tier != greedy)
+
+    def escalate(self, decision: Decision, call: Call, view: RouteView) -> str | None:
+        i = self.tiers.index(call.tier)
+        if i + 1 >= len(self.tiers):
+            return None
+        nxt = self.tiers[i + 1]
+        p_now = view.memory.calibration.estimate(i, call.confidence, decision.p_hat.get(call.tier, 0.5))
+        gain = decision.p_hat.get(nxt, 0.5) - p_now
+        cost = decision.expected_atp.get(nxt, 0.0)
+        low = call.confidence is not None and call.confidence < self.config.escalate_below
+        if low and gain > view.pacer.price(cost) and view.pacer.allows(call.atp + cost):
+            return nxt
+        return None
+
+
+def make_policy(spec: str, tiers: list[str], config, *, seed: int = 0) -> Policy:
+    """Build a policy from its name: ``dreamroute``, ``always:TIER``, ``random[:P]``, ``cascade[:T]``.
+
+    Raises ConfigError (unknown name, bad number) or UnknownTierError.
+    """
+    name, _, arg = spec.partition(":")
+    try:
+        if name == "dreamroute" and not arg:
+            return DreamroutePolicy(tiers, config, seed=seed)
+        if name == "always" and arg:
+            return AlwaysPolicy(tiers, arg, seed=seed)
+        if name == "random":
+            return RandomPolicy(tiers, float(arg) if arg else None, seed=seed)
+        if name == "cascade":
+            return CascadePolicy(tiers, float(arg) if arg else config.escalate_below, seed=seed)
+    except ValueError as e:
+        raise ConfigError(f"policy {spec!r}: {e}; e.g. random:0.3 or cascade:0.6") from e
+    raise ConfigError(f"unknown policy {spec!r}; use dreamroute, always:TIER ({', '.join(tiers)}), "
+                      "random, random:P or cascade:T")

@@ -1,0 +1,152 @@
+"""Requests, decisions, calls and answers: the values that flow through the router."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from ..backends.base import Generation, Message
+from ..signals import Signals
+
+ROLES = ("chosen", "escalated", "audit")
+
+
+@dataclass
+class Request:
+    """One request to the hierarchy.
+
+    Attributes:
+        messages: the conversation so far, ending with the user's turn.
+        conversation_id: groups turns of one conversation (drift, KV cache).
+        priority: arousal in [0, 1] (explicit field or header; 0 by default).
+        max_tokens: generation limit per call.
+        grader: name of the answer form expected (``gsm8k``, ``choice``,
+            ``exact``); used only to judge a response's form for confidence.
+            The gold answer never travels with the request.
+        item_key: workload item this request answers, if any.
+    """
+
+    messages: list[Message]
+    conversation_id: str | None = None
+    priority: float = 0.0
+    max_tokens: int = 320
+    grader: str | None = None
+    item_key: str | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @classmethod
+    def from_prompt(cls, prompt: str, **kw) -> "Request":
+        return cls(messages=[{"role": "user", "content": prompt}], **kw)
+
+    @property
+    def prompt(self) -> str:
+        """The newest user message."""
+        for m in reversed(self.messages):
+            if m.get("role") == "user":
+                return m.get("content", "")
+        return ""
+
+    @property
+    def turn(self) -> int:
+        return sum(1 for m in self.messages if m.get("role") == "user") - 1
+
+
+@dataclass
+class Decision:
+    """What a policy committed to before any model answered.
+
+    Attributes:
+        tier: the first tier to call.
+        p_hat: estimated P(success | x) per tier (posterior means).
+        expected_atp: expected ATP per tier, J.
+        lam: the budget multiplier λ used.
+        audit: whether a higher tier should also answer.
+        overhead_ms: time spent deciding (model time excluded).
+    """
+
+    request_id: str
+    policy: str
+    tier: str
+    signals: Signals
+    p_hat: dict[str, float] = field(default_factory=dict)
+    expected_atp: dict[str, float] = field(default_factory=dict)
+    lam: float = 0.0
+    audit: bool = False
+    explored: bool = False
+    overhead_ms: float = 0.0
+
+    @property
+    def context(self) -> str:
+        return self.signals.context
+
+
+@dataclass
+class Call:
+    """One model call made for a request.
+
+    Attributes:
+        role: ``chosen`` (first call), ``escalated`` (after low confidence) or ``audit``.
+        atp: ATP charged, J.
+        confidence: in [0, 1]: exp(mean token logprob) × (1 if the answer is
+            stated in the expected form else 0.5); None with no signal.
+        predicted: the final answer extracted by the request's grader, if any.
+    """
+
+    tier: str
+    role: str
+    generation: Generation
+    atp: float
+    confidence: float | None
+    predicted: str | None = None
+    model_version_id: int | None = None
+
+    @property
+    def text(self) -> str:
+        return self.generation.text
+
+
+@dataclass
+class Answer:
+    """A request's result: the decision, every call, and the answering call."""
+
+    request: Request
+    decision: Decision
+    calls: list[Call]
+    surprise_atp: float = 0.0
+
+    @property
+    def final(self) -> Call:
+        """The call whose text answers the request (the last non-audit call)."""
+        return [c for c in self.calls if c.role != "audit"][-1]
+
+    @property
+    def text(self) -> str:
+        return self.final.text
+
+    @property
+    def tier(self) -> str:
+        return self.final.tier
+
+    @property
+    def atp(self) -> float:
+        """Total ATP of the request: every call plus surprise scoring, J."""
+        return sum(c.atp for c in self.calls) + self.surprise_atp
+
+    @property
+    def escalated(self) -> bool:
+        return any(c.role == "escalated" for c in self.calls)
+
+    @property
+    def audited(self) -> bool:
+        return any(c.role == "audit" for c in self.calls)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The judged outcome of one call: ``success`` | ``failure`` | ``unknown`` and its witness."""
+
+    outcome: str
+    witness: str
+    reward: float | None = None
+    gold: str | None = None
+    predicted: str | None = None

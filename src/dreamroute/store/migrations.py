@@ -1,0 +1,239 @@
+"""Numbered schema migrations, applied in order, each once (in the style of simonw/llm).
+
+Each migration is explicit DDL frozen at the time it was written: never edit
+one that has shipped, add the next number instead. ``schema.py`` describes
+the result of all of them. Migration 1 creates the tables; migration 2 adds
+the lookup indexes and the model-version uniqueness index.
+
+``migrate(engine)`` records each applied migration in
+``_migrations(version, name, applied_at)``; every migration runs in its own
+transaction together with that record, so an interrupted upgrade leaves the
+database at the previous version (SQLite DDL is transactional when the
+connection emits its own BEGIN, as ``sqlite_engine`` arranges).
+
+Opening a SQLite file goes through ``check_sqlite_file`` first (read-only:
+refuses a non-SQLite file, a foreign SQLite database, or a newer schema
+without touching it) and then ``sqlite_engine`` (WAL, busy_timeout, foreign
+keys, explicit BEGIN / BEGIN IMMEDIATE).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    URL, CheckConstraint, Column, Engine, Float, ForeignKey, Integer, MetaData, String, Table, Text,
+    UniqueConstraint, create_engine, event, insert, inspect, select,
+)
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import StaticPool
+
+from dreamroute.errors import StoreError
+from dreamroute.store.schema import migrations_table, utc_now
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+Migration = tuple[int, str, Callable[[Connection], None]]
+
+
+def _m001_initial(conn: Connection) -> None:
+    """Create model_versions, trust, runs, experiences, ledger and calibration (no secondary indexes)."""
+    md = MetaData()
+    s, f, i, t = String, Float, Integer, Text
+    Table("model_versions", md,
+          Column("id", i, primary_key=True), Column("tier", s(100), nullable=False),
+          Column("identity", s(300), nullable=False), Column("name", s(300), nullable=False),
+          Column("adapter_path", t), Column("parent_id", i, ForeignKey("model_versions.id")),
+          Column("status", s(20), nullable=False), Column("created_at", s(40), nullable=False),
+          CheckConstraint("status IN ('active','candidate','rejected','retired')",
+                          name="ck_model_versions_status"))
+    Table("trust", md,
+          Column("model_version_id", i, ForeignKey("model_versions.id"), primary_key=True),
+          Column("context", s(40), primary_key=True), Column("alpha", f, nullable=False),
+          Column("beta", f, nullable=False), Column("count", f, nullable=False),
+          Column("updated_at", s(40), nullable=False))
+    Table("runs", md,
+          Column("id", i, primary_key=True), Column("workload", t, nullable=False),
+          Column("workload_digest", s(128), nullable=False), Column("policy", s(300), nullable=False),
+          Column("seed", i, nullable=False), Column("budget", f), Column("attempt", i, nullable=False),
+          Column("status", s(20), nullable=False), Column("started_at", s(40), nullable=False),
+          Column("finished_at", s(40)),
+          UniqueConstraint("workload_digest", "policy", "seed", "attempt", name="uq_runs_key"),
+          CheckConstraint("status IN ('running','finished')", name="ck_runs_status"))
+    required_f = ["prefill_s", "decode_s", "latency_s", "atp_joules", "novelty", "drift",
+                  "snarc_s", "snarc_n", "snarc_a", "snarc_r", "snarc_c", "salience"]
+    Table("experiences", md,
+          Column("id", i, primary_key=True), Column("request_id", s(64), nullable=False),
+          Column("run_id", i, ForeignKey("runs.id")), Column("item_key", s(300)),
+          Column("role", s(20), nullable=False), Column("conversation_id", s(200)),
+          Column("turn", i, nullable=False), Column("prompt", t, nullable=False),
+          Column("prompt_hash", s(64), nullable=False), Column("tier", s(100), nullable=False),
+          Column("model_version_id", i, ForeignKey("model_versions.id")),
+          Column("response", t, nullable=False), Column("prompt_tokens", i, nullable=False),
+          Column("completion_tokens", i, nullable=False), Column("cached_tokens", i, nullable=False),
+          *[Column(n, f, nullable=False) for n in required_f[:4]],
+          Column("mean_logprob", f), Column("confidence", f), Column("context", s(40), nullable=False),
+          *[Column(n, f, nullable=False) for n in required_f[4:6]],
+          Column("instability", f), Column("surprise", f),
+          *[Column(n, f, nullable=False) for n in required_f[6:]],
+          Column("outcome", s(20), nullable=False), Column("witness", s(200), nullable=False),
+          Column("gold", t), Column("predicted", t), Column("priority", f, nullable=False),
+          Column("created_at", s(40), nullable=False),
+          CheckConstraint("role IN ('chosen','escalated','audit')", name="ck_experiences_role"),
+          CheckConstraint("outcome IN ('success','failure','unknown')", name="ck_experiences_outcome"))
+    Table("ledger", md,
+          Column("seq", i, primary_key=True, autoincrement=False),
+          Column("created_at", s(40), nullable=False), Column("entity", s(300), nullable=False),
+          Column("action", s(100), nullable=False), Column("delta", t, nullable=False),
+          Column("witnesses", t, nullable=False), Column("prev_hash", s(64), nullable=False),
+          Column("hash", s(64), nullable=False))
+    Table("calibration", md,
+          Column("identity", s(300), primary_key=True), Column("tier", s(100), nullable=False),
+          Column("values", t, nullable=False), Column("updated_at", s(40), nullable=False))
+    md.create_all(conn)
+
+
+def _m002_indexes(conn: Connection) -> None:
+    """Lookup indexes, and one row per (tier, identity, adapter) in model_versions."""
+    for ddl in (
+        "CREATE UNIQUE INDEX ux_model_versions_key ON model_versions "
+        "(tier, identity, COALESCE(adapter_path, ''))",
+        "CREATE INDEX ix_model_versions_tier_status ON model_versions (tier, status)",
+        "CREATE INDEX ix_experiences_run_item ON experiences (run_id, item_key)",
+        "CREATE INDEX ix_experiences_tier ON experiences (tier)",
+        "CREATE INDEX ix_experiences_prompt_hash ON experiences (prompt_hash)",
+        "CREATE INDEX ix_experiences_request ON experiences (request_id)",
+        "CREATE INDEX ix_experiences_conversation ON experiences (conversation_id, turn)",
+        "CREATE INDEX ix_ledger_entity ON ledger (entity, seq)",
+    ):
+        conn.exec_driver_sql(ddl)
+
+
+MIGRATIONS: list[Migration] = [
+    (1, "initial tables", _m001_initial),
+    (2, "indexes", _m002_indexes),
+]
+
+
+def latest_version() -> int:
+    """The schema version this code writes (the highest migration number)."""
+    return max(v for v, _, _ in MIGRATIONS)
+
+
+def applied_versions(conn: Connection) -> set[int]:
+    """Versions recorded in ``_migrations`` (empty when the table does not exist)."""
+    if not inspect(conn).has_table("_migrations"):
+        return set()
+    return set(conn.execute(select(migrations_table.c.version)).scalars())
+
+
+def migrate(engine: Engine) -> list[int]:
+    """Apply every migration the database lacks, in order; return the versions applied now.
+
+    Each migration and its ``_migrations`` row commit together. Safe to call
+    on every open (idempotent) and from several processes (a migration that
+    another process applied meanwhile is skipped).
+
+    Raises:
+        StoreError: the database was written by a newer dreamroute (it has a
+            migration this code does not know), or a migration failed (the
+            message names it; the database stays at the previous version).
+    """
+    engine = engine.execution_options(dreamroute_write=True)
+    latest = latest_version()
+    try:
+        with engine.begin() as conn:
+            migrations_table.create(conn, checkfirst=True)
+            applied = applied_versions(conn)
+    except SQLAlchemyError as e:
+        raise StoreError(f"cannot open {engine.url} or read its schema version: {e}; "
+                         "choose another --db or move it away") from e
+    newer = sorted(v for v in applied if v > latest)
+    if newer:
+        raise StoreError(
+            f"{engine.url} has schema version {max(newer)}, newer than this dreamroute "
+            f"understands ({latest}); upgrade dreamroute, or choose another --db")
+    done: list[int] = []
+    for version, name, fn in MIGRATIONS:
+        if version in applied:
+            continue
+        try:
+            with engine.begin() as conn:
+                if version in applied_versions(conn):   # another process got there first
+                    continue
+                fn(conn)
+                conn.execute(insert(migrations_table).values(version=version, name=name,
+                                                             applied_at=utc_now()))
+        except SQLAlchemyError as e:
+            raise StoreError(
+                f"migration {version} ({name}) failed on {engine.url}: {e}; "
+                "the database was left at the previous version") from e
+        done.append(version)
+    return done
+
+
+def check_sqlite_file(path: Path) -> None:
+    """Refuse, without writing anything, a file that is not a dreamroute database this code can use."""
+    fix = "choose another --db or move it away"
+    if path.is_dir():
+        raise StoreError(f"{path} is a directory, not a database file; {fix}")
+    if not path.exists():
+        return
+    if not os.access(path, os.R_OK):
+        raise StoreError(f"cannot read {path} (permission denied); fix its permissions or {fix}")
+    with open(path, "rb") as fh:
+        head = fh.read(len(_SQLITE_MAGIC))
+    if not head:
+        return                                   # an empty file is an empty SQLite database
+    if head != _SQLITE_MAGIC:
+        raise StoreError(f"{path} is not a dreamroute database (not an SQLite file); {fix}")
+    con = None
+    try:
+        con = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True)
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if tables and "_migrations" not in tables:
+            raise StoreError(f"{path} is an SQLite database but not a dreamroute one (tables: "
+                             f"{', '.join(sorted(tables)[:5])}); {fix}")
+        if tables:
+            version = con.execute("SELECT MAX(version) FROM _migrations").fetchone()[0] or 0
+            if version > latest_version():
+                raise StoreError(f"{path} has schema version {version}, newer than this dreamroute "
+                                 f"understands ({latest_version()}); upgrade dreamroute or {fix}")
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"{path} is not a readable SQLite database ({e}); {fix}") from e
+    finally:
+        if con is not None:
+            con.close()
+
+
+def sqlite_engine(path: Path | None) -> Engine:
+    """An engine whose connections use WAL, busy_timeout, foreign keys and explicit BEGINs."""
+    if path is None:
+        engine = create_engine("sqlite://", poolclass=StaticPool,
+                               connect_args={"check_same_thread": False})
+    else:
+        engine = create_engine(URL.create("sqlite", database=str(path)),
+                               connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None        # we emit BEGIN ourselves: DDL becomes transactional
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA busy_timeout = 30000")
+        cur.execute("PRAGMA foreign_keys = ON")
+        if path is not None:
+            cur.execute("PRAGMA journal_mode = WAL")
+            cur.execute("PRAGMA synchronous = NORMAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        write = conn.get_execution_options().get("dreamroute_write")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine

@@ -1,0 +1,424 @@
+"""``Store``: model versions, trust, experiences, the ledger, runs and calibration in one database.
+
+SQLite by default (one file, WAL, ``busy_timeout`` 30 s; writes take ``BEGIN
+IMMEDIATE`` so routers in several processes serialise instead of failing), or
+any SQLAlchemy URL (``postgresql://...``) for several routers sharing trust.
+Every public write is one transaction: it commits whole or not at all.
+Thread-safe within a process. All timestamps are UTC ISO-8601 strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, func, insert, select, update
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from dreamroute.errors import StoreError
+from dreamroute.store import schema as T
+from dreamroute.store.ledger import VerifyReport, append_entries, canonical_json, trust_entries, verify
+from dreamroute.store.migrations import check_sqlite_file, migrate, sqlite_engine
+from dreamroute.store.schema import ModelVersion, TrustRow, TrustUpdate, prompt_hash
+
+__all__ = ["Store", "ModelVersion", "TrustRow", "TrustUpdate", "VerifyReport", "prompt_hash"]
+
+_STATUS_ACTION = {"active": "model.activate", "candidate": "model.candidate",
+                  "rejected": "model.reject", "retired": "model.retire"}
+
+
+class Store:
+    """The dreamroute database.
+
+    Args:
+        path: SQLite file (parent directories are created), ``None`` or
+            ``":memory:"`` for a private in-memory store, or an SQLAlchemy URL
+            string containing ``://`` (``sqlite:///file`` is the same as ``file``).
+
+    Attributes:
+        path: the SQLite file, or None (in memory or a URL).
+        url: the SQLAlchemy URL, password hidden.
+
+    Raises:
+        StoreError: the file is not SQLite, not a dreamroute database,
+            unreadable, or from a newer schema (the file is left untouched);
+            or the database cannot be created or migrated.
+    """
+
+    def __init__(self, path: str | Path | None = None):
+        if isinstance(path, str) and path.startswith("sqlite:"):    # an SQLite URL: same as its file
+            path = make_url(path).database or None
+        memory = path is None or str(path) == ":memory:"
+        is_url = isinstance(path, str) and "://" in path
+        self.path: Path | None = None if memory or is_url else Path(path).expanduser()
+        try:
+            if self.path is not None:
+                check_sqlite_file(self.path)
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._engine = create_engine(path) if is_url else sqlite_engine(self.path)
+        except OSError as e:
+            raise StoreError(f"cannot create the store at {path}: {e}; choose another --db") from e
+        self.url = self._engine.url.render_as_string(hide_password=True)
+        self._wengine = self._engine.execution_options(dreamroute_write=True)
+        self._wlock = threading.RLock()
+        self._rlock = self._wlock if memory else nullcontext()
+        self._upsert: Any = None
+        try:
+            self.applied_migrations = migrate(self._engine)   # raises StoreError only
+        except StoreError:
+            self._engine.dispose()
+            raise
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close every connection (SQLite then folds the WAL back into the file)."""
+        self._engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """One write transaction: commits on success, rolls back on any exception."""
+        with self._wlock:
+            try:
+                with self._wengine.begin() as conn:
+                    yield conn
+            except SQLAlchemyError as e:
+                raise StoreError(f"write to {self.url} failed and was rolled back: {e}") from e
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._rlock:
+            try:
+                with self._engine.connect() as conn:
+                    yield conn
+            except SQLAlchemyError as e:
+                raise StoreError(f"read from {self.url} failed: {e}") from e
+
+    # -- model versions -----------------------------------------------------------------------
+    def _set_status(self, conn: Connection, row: Any, status: str, witnesses: list[str],
+                    reason: str, now: str) -> None:
+        """Set ``row``'s status (retiring the tier's active one first when activating); ledgered."""
+        mv, retired = T.model_versions, None
+        if status == "active":
+            retired = conn.execute(select(mv.c.id).where(mv.c.tier == row.tier, mv.c.status == "active",
+                                                         mv.c.id != row.id)).scalar()
+            conn.execute(update(mv).where(mv.c.tier == row.tier, mv.c.status == "active")
+                         .values(status="retired"))
+        conn.execute(update(mv).where(mv.c.id == row.id).values(status=status))
+        delta = {"tier": row.tier, "identity": row.identity, "name": row.name,
+                 "adapter_path": row.adapter_path, "parent_id": row.parent_id,
+                 "from": row.status, "to": status, "retired": retired, "reason": reason}
+        append_entries(conn, [(f"model_version:{row.id}", _STATUS_ACTION[status], delta,
+                               list(witnesses))], now)
+
+    def ensure_model_version(self, tier: str, identity: str, name: str) -> int:
+        """Id of the active version of ``tier``, activating ``identity`` first when it is not.
+
+        When the tier's active version already has this identity (base or a
+        promoted adapter on it) its id is returned unchanged (its name updated).
+        Otherwise the base row for (tier, identity) is reactivated or inserted,
+        the previous active one becomes "retired", and a ``model.activate``
+        entry is appended to the ledger.
+        """
+        mv, now = T.model_versions, T.utc_now()
+        with self._write() as conn:
+            active = conn.execute(select(mv).where(mv.c.tier == tier, mv.c.status == "active")
+                                  .order_by(mv.c.id.desc())).first()
+            if active is not None and active.identity == identity:
+                if active.name != name:
+                    conn.execute(update(mv).where(mv.c.id == active.id).values(name=name))
+                return active.id
+            base = select(mv).where(mv.c.tier == tier, mv.c.identity == identity, mv.c.adapter_path.is_(None))
+            row = conn.execute(base).first()
+            if row is None:
+                conn.execute(insert(mv).values(tier=tier, identity=identity, name=name,
+                                               status="candidate", created_at=now))
+                row = conn.execute(base).first()
+            elif row.name != name:
+                conn.execute(update(mv).where(mv.c.id == row.id).values(name=name))
+            self._set_status(conn, row, "active", ["config"], "configured", now)
+            return row.id
+
+    def add_version(self, tier: str, identity: str, name: str, *, adapter_path: str | None,
+                    parent_id: int | None, witnesses: list[str] = (), reason: str = "") -> int:
+        """Insert a "candidate" version (e.g. a DREAM adapter on ``parent_id``); ledger ``model.candidate``.
+
+        Raises StoreError when (tier, identity, adapter_path) already exists.
+        """
+        mv, now = T.model_versions, T.utc_now()
+        with self._write() as conn:
+            vid = conn.execute(insert(mv).values(
+                tier=tier, identity=identity, name=name, adapter_path=adapter_path,
+                parent_id=parent_id, status="candidate", created_at=now)).inserted_primary_key[0]
+            row = conn.execute(select(mv).where(mv.c.id == vid)).first()
+            self._set_status(conn, row, "candidate", witnesses, reason, now)
+            return vid
+
+    def set_version_status(self, version_id: int, status: str, *, witnesses: list[str] = (),
+                           reason: str = "") -> None:
+        """Promote ("active": the tier's active one is retired), reject or retire a version; ledgered.
+
+        Raises StoreError for an unknown status or version id."""
+        if status not in T.STATUSES:
+            raise StoreError(f"unknown model version status {status!r}; use one of {T.STATUSES}")
+        with self._write() as conn:
+            row = conn.execute(select(T.model_versions).where(T.model_versions.c.id == version_id)).first()
+            if row is None:
+                raise StoreError(f"no model version {version_id} in {self.url}")
+            self._set_status(conn, row, status, witnesses, reason, T.utc_now())
+
+    def active_versions(self) -> dict[str, ModelVersion]:
+        """tier -> its active ModelVersion."""
+        mv = T.model_versions
+        with self._read() as conn:
+            rows = conn.execute(select(mv).where(mv.c.status == "active").order_by(mv.c.id)).all()
+        return {r.tier: ModelVersion(**r._mapping) for r in rows}
+
+    def get_version(self, version_id: int) -> ModelVersion:
+        """The ModelVersion with this id. Raises StoreError when there is none."""
+        with self._read() as conn:
+            row = conn.execute(select(T.model_versions)
+                               .where(T.model_versions.c.id == version_id)).first()
+        if row is None:
+            raise StoreError(f"no model version {version_id} in {self.url}")
+        return ModelVersion(**row._mapping)
+
+    # -- trust --------------------------------------------------------------------------------
+    def _trust_select(self):
+        t, mv = T.trust, T.model_versions
+        return select(t.c.model_version_id, mv.c.tier, mv.c.name.label("model"), t.c.context,
+                      t.c.alpha, t.c.beta, t.c.count, t.c.updated_at).join(mv, mv.c.id == t.c.model_version_id)
+
+    def get_trust(self, model_version_id: int, context: str) -> TrustRow | None:
+        """The trust row of (model version, context), or None before its first update."""
+        stmt = self._trust_select().where(T.trust.c.model_version_id == model_version_id,
+                                          T.trust.c.context == context)
+        with self._read() as conn:
+            row = conn.execute(stmt).first()
+        return TrustRow(**row._mapping) if row is not None else None
+
+    def trust_table(self) -> list[TrustRow]:
+        """Every trust row, ordered by tier, model version and context."""
+        stmt = self._trust_select().order_by(T.model_versions.c.tier, T.trust.c.model_version_id,
+                                             T.trust.c.context)
+        with self._read() as conn:
+            return [TrustRow(**r._mapping) for r in conn.execute(stmt)]
+
+    # -- experiences --------------------------------------------------------------------------
+    def record(self, experiences: list[dict], trust_updates: list[TrustUpdate]) -> list[int]:
+        """Write one request's experiences, trust updates and ledger entries in ONE transaction.
+
+        ``experiences`` are dicts of experience columns (``schema.EXPERIENCE_COLUMNS``;
+        role, prompt, tier, context required; ``request_id`` defaults to one new
+        uuid for the call, ``prompt_hash`` to ``prompt_hash(prompt)``). Each
+        TrustUpdate upserts its trust row and appends a ``trust.update`` ledger
+        entry. Returns the new experience ids, in input order.
+
+        Raises:
+            StoreError: an invalid field, an unknown model version, or a failed
+                write; nothing of the call is kept.
+        """
+        now = T.utc_now()
+        request_id = str(uuid.uuid4())
+        rows = [T.experience_row(e, request_id, now) for e in experiences]
+        for u in trust_updates:
+            if u.experience_index is not None and not 0 <= u.experience_index < len(rows):
+                raise StoreError(f"TrustUpdate.experience_index {u.experience_index} is outside "
+                                 f"the {len(rows)} experiences of this call")
+        with self._write() as conn:
+            ids: list[int] = []
+            if rows:
+                stmt = insert(T.experiences).returning(T.experiences.c.id, sort_by_parameter_order=True)
+                ids = list(conn.execute(stmt, rows).scalars())
+            self._apply_trust(conn, trust_updates, ids, now)
+            return ids
+
+    def _apply_trust(self, conn: Connection, updates: list[TrustUpdate], ids: list[int], now: str) -> None:
+        """Upsert the trust rows of ``updates`` and append their ``trust.update`` ledger entries."""
+        if updates:
+            self._upsert_trust(conn, [{"model_version_id": u.model_version_id, "context": u.context,
+                                       "alpha": u.alpha_after, "beta": u.beta_after,
+                                       "count": u.count_after, "updated_at": now} for u in updates])
+            append_entries(conn, trust_entries(updates, ids), now)
+
+    def _upsert_trust(self, conn: Connection, rows: list[dict]) -> None:
+        if self._upsert is None:      # built once: building ``excluded`` costs ~0.5 ms
+            if conn.dialect.name == "postgresql":
+                from sqlalchemy.dialects.postgresql import insert as dialect_insert
+            else:
+                from sqlalchemy.dialects.sqlite import insert as dialect_insert
+            stmt = dialect_insert(T.trust)
+            self._upsert = stmt.on_conflict_do_update(
+                index_elements=[T.trust.c.model_version_id, T.trust.c.context],
+                set_={c: stmt.excluded[c] for c in ("alpha", "beta", "count", "updated_at")})
+        conn.execute(self._upsert, rows)
+
+    def experiences(self, columns: list[str] | None = None, *, run_id: int | None = None,
+                    tier: str | None = None, since_id: int | None = None) -> list[dict]:
+        """Experiences as dicts (``columns``, default all incl. ``id``), in id order.
+
+        Filters: ``run_id``, ``tier``, ``since_id`` (ids greater than it).
+        Raises StoreError for an unknown column.
+        """
+        cols = list(columns) if columns else ["id", *T.EXPERIENCE_COLUMNS]
+        bad = [c for c in cols if c not in T.experiences.c]
+        if bad:
+            raise StoreError(f"unknown experience columns {bad}; known: id, {', '.join(T.EXPERIENCE_COLUMNS)}")
+        e = T.experiences
+        stmt = select(*[e.c[c] for c in cols]).order_by(e.c.id)
+        if run_id is not None:
+            stmt = stmt.where(e.c.run_id == run_id)
+        if tier is not None:
+            stmt = stmt.where(e.c.tier == tier)
+        if since_id is not None:
+            stmt = stmt.where(e.c.id > since_id)
+        with self._read() as conn:
+            return [dict(zip(cols, r)) for r in conn.execute(stmt)]
+
+    def count_experiences(self) -> int:
+        """Number of stored experiences."""
+        with self._read() as conn:
+            return conn.execute(select(func.count()).select_from(T.experiences)).scalar_one()
+
+    def experiences_for_request(self, request_id: str) -> list[dict]:
+        """Every experience (all columns) of one request, in id order; [] for an unknown id."""
+        e = T.experiences
+        with self._read() as conn:
+            return [dict(r._mapping) for r in conn.execute(
+                select(e).where(e.c.request_id == request_id).order_by(e.c.id))]
+
+    def set_outcome(self, experience_id: int, outcome: str, witness: str) -> None:
+        """Set a later witnessed outcome (e.g. user feedback) without touching trust.
+
+        Raises StoreError for an unknown outcome or experience id.
+        """
+        self.record_outcome(experience_id, outcome, witness, None)
+
+    def record_outcome(self, experience_id: int, outcome: str, witness: str,
+                       trust_update: TrustUpdate | None) -> None:
+        """Set a later witnessed outcome and apply its trust update (ledgered) in ONE transaction.
+
+        ``trust_update.experience_id`` (or ``experience_id`` when unset) is what
+        its ledger entry cites. Raises StoreError for an unknown outcome or
+        experience id; nothing is written then.
+        """
+        if outcome not in T.OUTCOMES:
+            raise StoreError(f"unknown outcome {outcome!r}; use one of {T.OUTCOMES}")
+        with self._write() as conn:
+            n = conn.execute(update(T.experiences).where(T.experiences.c.id == experience_id)
+                             .values(outcome=outcome, witness=witness)).rowcount
+            if n != 1:
+                raise StoreError(f"no experience {experience_id} in {self.url}")
+            if trust_update is not None:
+                if trust_update.experience_id is None:
+                    trust_update = dataclasses.replace(trust_update, experience_id=experience_id,
+                                                       experience_index=None)
+                self._apply_trust(conn, [trust_update], [], T.utc_now())
+
+    # -- ledger -------------------------------------------------------------------------------
+    def append_ledger(self, entity: str, action: str, delta: dict, witnesses: list[str]) -> int:
+        """Append one entry (promotion, calibration, ...) in its own transaction; returns its seq."""
+        with self._write() as conn:
+            return append_entries(conn, [(entity, action, delta, list(witnesses))], T.utc_now())[0]
+
+    def ledger_entries(self, limit: int | None = None) -> list[dict]:
+        """Entries (seq, created_at, entity, action, delta, witnesses, prev_hash, hash), oldest first;
+        with ``limit``, only the last ``limit`` of them. delta/witnesses are decoded JSON."""
+        stmt = select(T.ledger).order_by(T.ledger.c.seq.desc())
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        with self._read() as conn:
+            rows = conn.execute(stmt).all()
+        out = [{**r._mapping, "delta": json.loads(r.delta), "witnesses": json.loads(r.witnesses)}
+               for r in rows]
+        return out[::-1]
+
+    def verify_ledger(self) -> VerifyReport:
+        """Re-walk the hash chain and cross-check trust and calibration (see ``ledger.verify``)."""
+        with self._read() as conn:
+            return verify(conn)
+
+    # -- runs ---------------------------------------------------------------------------------
+    def start_run(self, workload: str, workload_digest: str, policy: str, seed: int,
+                  budget: float | None, *, fresh: bool) -> int:
+        """Run id to write to: the latest attempt of (workload_digest, policy, seed), or a new
+        attempt when ``fresh`` or none exists. Earlier attempts are kept, never deleted."""
+        r = T.runs
+        with self._write() as conn:
+            last = conn.execute(select(r.c.id, r.c.attempt).where(
+                r.c.workload_digest == workload_digest, r.c.policy == policy, r.c.seed == seed)
+                .order_by(r.c.attempt.desc()).limit(1)).first()
+            if last is not None and not fresh:
+                return last.id
+            return conn.execute(insert(r).values(
+                workload=workload, workload_digest=workload_digest, policy=policy, seed=seed,
+                budget=budget, attempt=(last.attempt + 1) if last else 1, status="running",
+                started_at=T.utc_now())).inserted_primary_key[0]
+
+    def finish_run(self, run_id: int) -> None:
+        """Mark a run finished (UTC finish time). Raises StoreError for an unknown run."""
+        with self._write() as conn:
+            n = conn.execute(update(T.runs).where(T.runs.c.id == run_id)
+                             .values(status="finished", finished_at=T.utc_now())).rowcount
+            if n != 1:
+                raise StoreError(f"no run {run_id} in {self.url}")
+
+    def graded_items(self, run_id: int) -> set[str]:
+        """item_keys that already have a "chosen" experience in this run (skip them on resume)."""
+        e = T.experiences
+        stmt = select(e.c.item_key).distinct().where(e.c.run_id == run_id, e.c.role == "chosen",
+                                                     e.c.item_key.is_not(None))
+        with self._read() as conn:
+            return set(conn.execute(stmt).scalars())
+
+    def run_info(self, run_id: int) -> dict:
+        """The run row as a dict, plus ``experiences`` (count) and ``graded`` (distinct items).
+        Raises StoreError for an unknown run."""
+        e = T.experiences
+        with self._read() as conn:
+            row = conn.execute(select(T.runs).where(T.runs.c.id == run_id)).first()
+            if row is None:
+                raise StoreError(f"no run {run_id} in {self.url}")
+            n = conn.execute(select(func.count()).where(e.c.run_id == run_id)).scalar_one()
+        return {**row._mapping, "experiences": n, "graded": len(self.graded_items(run_id))}
+
+    # -- calibration --------------------------------------------------------------------------
+    def save_calibration(self, identity: str, tier: str, values: dict) -> None:
+        """Store ``dreamroute bench`` results for a model identity (replacing older ones) and
+        append a ``calibration`` ledger entry. ``values``: prefill_s_per_token, decode_s_per_token,
+        load_s, ttft_s (seconds), prefill_tok_s, decode_tok_s (tokens/s), rss_mb, ..."""
+        now = T.utc_now()
+        try:
+            values = json.loads(canonical_json(values))
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"calibration values are not JSON: {e}") from e
+        c = T.calibration
+        with self._write() as conn:
+            conn.execute(c.delete().where(c.c.identity == identity))
+            conn.execute(insert(c).values(identity=identity, tier=tier,
+                                          values=canonical_json(values), updated_at=now))
+            append_entries(conn, [(f"calibration:{identity}", "calibration",
+                                   {"tier": tier, "values": values}, ["bench"])], now)
+
+    def get_calibration(self, identity: str) -> dict | None:
+        """The saved values plus ``identity``, ``tier`` and ``updated_at``; None when never benched."""
+        c = T.calibration
+        with self._read() as conn:
+            row = conn.execute(select(c).where(c.c.identity == identity)).first()
+        if row is None:
+            return None
+        m = row._mapping
+        return {**json.loads(m["values"]), "identity": m["identity"], "tier": m["tier"],
+                "updated_at": m["updated_at"]}

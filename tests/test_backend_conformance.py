@@ -1,0 +1,340 @@
+"""One conformance suite over every backend: scripted, OpenAI-compatible HTTP (a fake
+in-process server) and llama.cpp on the real ``sensory`` model (marked ``model``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from dreamroute.backends import make_backend
+from dreamroute.backends.base import Backend, Generation
+from dreamroute.backends.llama import SCORE_CHUNK
+from dreamroute.backends.openai_http import OpenAIBackend
+from dreamroute.backends.scripted import ScriptedBackend
+from dreamroute.bench import bench_tier
+from dreamroute.config import ModelSource, Settings, TierConfig, default_tiers
+from dreamroute.errors import BackendError, ConfigError, ModelFileError
+
+Q1 = [{"role": "user", "content": "What is the capital of France?"}]
+Q2 = [{"role": "system", "content": "Answer briefly."},
+      {"role": "user", "content": "Name three colours of the rainbow."}]
+
+
+# ----------------------------------------------------------------------------- fake server
+
+def _answer(messages: list[dict]) -> list[str]:
+    last = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+    return [w.upper() for w in reversed(last.split())] * 3
+
+
+def _word_lp(word: str) -> float:
+    return -0.05 * (1 + len(word) % 7)
+
+
+def fake_server(*, stream=True, logprobs=True, usage=True, echo=True, log: list | None = None):
+    """An OpenAI-compatible server as an httpx handler. Tokens are whitespace words."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content or b"{}")
+        if log is not None:
+            log.append((request.url.path, body))
+        path = request.url.path
+        if path == "/v1/chat/completions":
+            if body.get("stream") and not stream:
+                return httpx.Response(400, json={"error": "stream not supported"})
+            words = _answer(body["messages"])
+            finish = "stop"
+            if len(words) > body.get("max_tokens", 10**9):
+                words, finish = words[: body["max_tokens"]], "length"
+            n_prompt = sum(len(m["content"].split()) for m in body["messages"])
+            use = {"prompt_tokens": n_prompt, "completion_tokens": len(words),
+                   "total_tokens": n_prompt + len(words),
+                   "prompt_tokens_details": {"cached_tokens": 0}}
+            lp = (lambda w: {"content": [{"token": w, "logprob": _word_lp(w)}]}) if (
+                logprobs and body.get("logprobs")) else (lambda w: None)
+            if body.get("stream"):
+                chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}]
+                for i, w in enumerate(words):
+                    chunks.append({"choices": [{"index": 0, "delta": {"content": (" " if i else "") + w},
+                                                "logprobs": lp(w), "finish_reason": None}]})
+                chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+                if usage and (body.get("stream_options") or {}).get("include_usage"):
+                    chunks.append({"choices": [], "usage": use})
+                sse = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+                return httpx.Response(200, content=sse.encode(), headers={"content-type": "text/event-stream"})
+            content = [{"token": w, "logprob": _word_lp(w)} for w in words]
+            resp = {"choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(words)},
+                                 "logprobs": {"content": content} if lp("x") else None,
+                                 "finish_reason": finish}]}
+            if usage:
+                resp["usage"] = use
+            return httpx.Response(200, json=resp)
+        if path == "/v1/completions":
+            if not echo:
+                return httpx.Response(400, json={"error": "echo is not supported"})
+            words = body["prompt"].split()
+            lps = [None] + [-(0.5 + 0.1 * (len(w) % 5)) for w in words[1:]]
+            return httpx.Response(200, json={
+                "choices": [{"text": body["prompt"], "logprobs": {"token_logprobs": lps}}],
+                "usage": {"prompt_tokens": len(words), "completion_tokens": 0}})
+        return httpx.Response(404, json={"error": f"no route {path}"})
+
+    return handler
+
+
+def openai_backend(**kw) -> OpenAIBackend:
+    tier = TierConfig(name="remote", model="fake-model", backend="openai", base_url="http://fake.test/v1")
+    return OpenAIBackend(tier, client=httpx.Client(transport=httpx.MockTransport(fake_server(**kw))))
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+def _sensory():
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (bash scripts/setup.sh)")
+    from dreamroute.backends.llama import LlamaBackend
+    from dreamroute.registry import resolve_model
+
+    tier = default_tiers()[0]
+    try:
+        path = resolve_model(tier.source, Path(tempfile.gettempdir()) / "dreamroute-test-models")
+    except ModelFileError as e:
+        pytest.skip(f"sensory GGUF cannot be resolved: {e}")
+    return LlamaBackend(tier.model_copy(update={"n_threads": 2}), path)
+
+
+@pytest.fixture(scope="module")
+def llama_backend():
+    b = _sensory()
+    yield b
+    b.close()
+
+
+@pytest.fixture(params=["scripted", "openai", pytest.param("llama", marks=pytest.mark.model)])
+def backend(request):
+    if request.param == "scripted":
+        return ScriptedBackend("scripted-1", lambda msgs: " ".join(_answer(msgs)),
+                               logprob=lambda tok, i: -0.1 * (1 + i % 3))
+    if request.param == "openai":
+        return openai_backend()
+    return request.getfixturevalue("llama_backend")
+
+
+def _stateful(b) -> bool:
+    return not isinstance(b, OpenAIBackend)
+
+
+# ----------------------------------------------------------------------------- conformance
+
+def test_is_a_backend(backend):
+    assert isinstance(backend, Backend)
+    assert isinstance(backend.identity, str) and backend.identity
+
+
+def test_generation_fields_are_consistent(backend):
+    for msgs, n in ((Q1, 12), (Q2, 5)):
+        g = backend.generate(msgs, max_tokens=n, temperature=0.0)
+        assert isinstance(g, Generation) and isinstance(g.text, str)
+        assert g.prompt_tokens > 0 and 0 < g.completion_tokens <= n
+        assert 0 <= g.cached_tokens <= g.prompt_tokens
+        assert g.prefill_s >= 0 and g.decode_s >= 0
+        assert g.finish_reason in ("stop", "length")
+        assert g.model == backend.identity
+        if g.token_logprobs is not None:
+            assert len(g.token_logprobs) == g.completion_tokens
+            assert all(v <= 0 and math.isfinite(v) for v in g.token_logprobs)
+            assert g.mean_logprob is not None
+
+
+def test_greedy_is_deterministic(backend):
+    a = backend.generate(Q2, max_tokens=10)
+    b = backend.generate(Q1, max_tokens=10)
+    c = backend.generate(Q2, max_tokens=10)
+    assert a.text == c.text and a.completion_tokens == c.completion_tokens
+    assert b.text != a.text
+
+
+def test_score_length_and_range(backend):
+    g = backend.generate(Q1, max_tokens=4)
+    s = backend.score(Q1)
+    assert len(s) == g.prompt_tokens - 1
+    assert all(v <= 0 and math.isfinite(v) for v in s)
+    assert backend.score(Q1) == s
+
+
+def test_close_then_call_again(backend):
+    a = backend.generate(Q1, max_tokens=6)
+    backend.close()
+    b = backend.generate(Q1, max_tokens=6)
+    assert b.text == a.text and b.cached_tokens == 0
+
+
+def test_score_leaves_the_prompt_cached(backend):
+    if not _stateful(backend):
+        pytest.skip("a remote server keeps its own cache")
+    cold = backend.generate(Q2, max_tokens=3)
+    backend.generate(Q1, max_tokens=3)
+    backend.score(Q2)
+    g = backend.generate(Q2, max_tokens=3)
+    assert g.cached_tokens == g.prompt_tokens
+    assert g.text == cold.text
+
+
+def test_save_load_round_trip(backend):
+    if not _stateful(backend):
+        with pytest.raises(BackendError, match="keeps its own"):
+            backend.save_state()
+        with pytest.raises(BackendError, match="keeps its own"):
+            backend.load_state(b"anything")
+        return
+    first = backend.generate(Q1, max_tokens=8)
+    state = backend.save_state()
+    backend.generate(Q2, max_tokens=8)
+    backend.load_state(state)
+    again = backend.generate(Q1, max_tokens=8)
+    assert again.text == first.text
+    assert again.cached_tokens >= first.prompt_tokens - 1  # restored KV reused
+
+
+def test_load_state_checks_identity_and_damage(backend):
+    if not _stateful(backend):
+        pytest.skip("a remote server keeps its own cache")
+    backend.generate(Q1, max_tokens=4)
+    state = backend.save_state()
+    if isinstance(backend, ScriptedBackend):
+        other = ScriptedBackend("scripted-2", lambda m: "x")
+    else:
+        other = type(backend)(backend.tier.model_copy(update={"source": ModelSource(
+            gguf=backend.model_path, sha256="f" * 64)}), backend.model_path)
+    with pytest.raises(BackendError, match="saved by"):
+        other.load_state(state)
+    for bad in (state[:-10], state[: len(state) // 2], state[:8], b""):
+        with pytest.raises(BackendError, match="truncated or damaged"):
+            backend.load_state(bad)
+    flipped = bytearray(state)
+    flipped[len(state) // 2] ^= 0x01
+    with pytest.raises(BackendError, match="truncated or damaged"):
+        backend.load_state(bytes(flipped))
+
+
+# ----------------------------------------------------------------------------- llama only
+
+@pytest.mark.model
+def test_llama_matches_create_chat_completion(llama_backend):
+    for msgs in (Q1, Q2, [{"role": "user", "content": "Write one sentence about the sea."}]):
+        g = llama_backend.generate(msgs, max_tokens=40, temperature=0.0)
+        ref = llama_backend._llm.create_chat_completion(msgs, temperature=0, max_tokens=40)
+        assert g.text == ref["choices"][0]["message"]["content"]
+        assert g.finish_reason == ref["choices"][0]["finish_reason"]
+        assert g.prompt_tokens == ref["usage"]["prompt_tokens"]
+        assert g.completion_tokens == ref["usage"]["completion_tokens"]
+
+
+@pytest.mark.model
+def test_llama_logprobs_match_full_logits(llama_backend):
+    """score() and generate() logprobs equal those of a logits_all=True model."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    msgs = [{"role": "user", "content": "Explain why the sky is blue. " * 12}]
+    scores = llama_backend.score(msgs)
+    tokens, _ = llama_backend.prompt_tokens(msgs)
+    g = llama_backend.generate(msgs, max_tokens=12)
+    ref = Llama(str(llama_backend.model_path), n_ctx=1024, logits_all=True, verbose=False, n_threads=2)
+    try:
+        out = ref.create_completion(tokens, max_tokens=12, temperature=0, logprobs=1)
+        full = Llama.logits_to_logprobs(ref._scores)
+        want = [float(full[i, tokens[i + 1]]) for i in range(len(tokens) - 1)]
+        assert len(tokens) > SCORE_CHUNK  # several score chunks
+        assert np.allclose(scores, want, atol=1e-3)
+        assert out["choices"][0]["text"] == g.text
+        assert np.allclose(out["choices"][0]["logprobs"]["token_logprobs"], g.token_logprobs, atol=1e-3)
+    finally:
+        ref.close()
+
+
+@pytest.mark.model
+def test_llama_score_does_not_depend_on_history(llama_backend):
+    """A follow-up turn scored after generating the first one equals a cold score."""
+    fresh = type(llama_backend)(llama_backend.tier, llama_backend.model_path)
+    try:
+        llama_backend.score(Q1)
+        g = llama_backend.generate(Q1, max_tokens=20)
+        follow = Q1 + [{"role": "assistant", "content": g.text}, {"role": "user", "content": "And Spain?"}]
+        assert llama_backend.score(follow) == pytest.approx(fresh.score(follow), abs=1e-4)
+    finally:
+        fresh.close()
+
+
+@pytest.mark.model
+def test_llama_prompt_longer_than_n_ctx(llama_backend):
+    with pytest.raises(BackendError, match="raise n_ctx in the tier config"):
+        llama_backend.generate([{"role": "user", "content": "word " * 3000}], max_tokens=2)
+
+
+# ----------------------------------------------------------------------------- openai only
+
+def test_openai_falls_back_without_streaming_logprobs_or_usage():
+    log: list = []
+    tier = TierConfig(name="r", model="m", backend="openai", base_url="http://fake.test/v1")
+    b = OpenAIBackend(tier, client=httpx.Client(transport=httpx.MockTransport(
+        fake_server(stream=False, logprobs=False, usage=False, log=log))))
+    g = b.generate(Q1, max_tokens=5)
+    assert g.text and g.token_logprobs is None and g.extra["usage_estimated"]
+    assert g.completion_tokens > 0 and g.prompt_tokens > 0
+    assert [p for p, body in log] == ["/v1/chat/completions"] * 2
+    assert log[0][1]["stream"] is True and "stream" not in log[1][1]
+    b.generate(Q1, max_tokens=5)
+    assert len(log) == 3  # remembered: no second streaming attempt
+
+
+def test_openai_streaming_request_shape():
+    log: list = []
+    b = openai_backend(log=log)
+    g = b.generate(Q1, max_tokens=4)
+    body = log[0][1]
+    assert body["stream"] and body["stream_options"] == {"include_usage": True} and body["logprobs"]
+    assert g.extra["streamed"] and g.finish_reason == "length" and g.completion_tokens == 4
+    assert b.identity == "http://fake.test/v1#fake-model"
+
+
+def test_openai_score_unsupported_and_connection_errors():
+    with pytest.raises(BackendError, match="server does not return prompt logprobs"):
+        openai_backend(echo=False).score(Q1)
+
+    def down(request):
+        raise httpx.ConnectError("connection refused", request=request)
+
+    tier = TierConfig(name="r", model="m", backend="openai", base_url="http://127.0.0.1:9/v1")
+    b = OpenAIBackend(tier, client=httpx.Client(transport=httpx.MockTransport(down)))
+    with pytest.raises(BackendError, match=r"http://127\.0\.0\.1:9/v1/chat/completions"):
+        b.generate(Q1)
+
+
+# ----------------------------------------------------------------------------- factory, bench
+
+def test_make_backend(tmp_path):
+    settings = Settings(model_cache=tmp_path)
+    with pytest.raises(ConfigError, match="built in code by tests"):
+        make_backend(TierConfig(name="s", model="m", backend="scripted"), settings)
+    b = make_backend(TierConfig(name="r", model="m", backend="openai", base_url="http://x/v1/"), settings)
+    assert isinstance(b, OpenAIBackend) and b.identity == "http://x/v1#m"
+    with pytest.raises(ModelFileError):
+        make_backend(TierConfig(name="l", model="m", source=ModelSource(gguf=tmp_path / "no.gguf")), settings)
+
+
+def test_bench_tier_on_scripted_backend():
+    b = ScriptedBackend("s", lambda m: "word " * 100, prefill_s_per_token=0.002, decode_s_per_token=0.02)
+    tier = TierConfig(name="s", model="scripted", backend="scripted")
+    r = bench_tier(b, tier)
+    assert {"tier", "model", "load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "rss_mb",
+            "prefill_s_per_token", "decode_s_per_token", "identity"} <= set(r)
+    assert r["prefill_s_per_token"] == pytest.approx(0.002)
+    assert r["decode_s_per_token"] == pytest.approx(0.02)
+    assert r["decode_tok_s"] == pytest.approx(50.0)
+    assert 80 <= r["ttft_prompt_tokens"] <= 130 and 300 <= r["prefill_prompt_tokens"] <= 450
+    assert r["rss_mb"] > 0
