@@ -53,13 +53,14 @@ def bench_tier(backend: Backend, tier: TierConfig) -> dict:
     """Measure a tier's speed on this machine. Every measurement starts from an
     empty KV cache (``backend.reset()`` where the backend has one) and a prompt
     no other measurement shares, and counts only the prompt tokens really evaluated.
+    One short warm-up call after the load is not measured.
 
     Measurements:
         load_s: seconds of a fresh load (``close()`` then ``load()``; 0 for remote servers).
         ttft_s: time to first token of a ~100-token prompt, seconds.
         prefill_tok_s: evaluated prompt tokens / prefill seconds on a ~400-token prompt.
         decode_tok_s: completion tokens / decode seconds generating 64 tokens.
-        rss_mb: resident memory of this process after the load, MiB (psutil).
+        rss_mb: resident memory of this process after the load and warm-up, MiB (psutil).
 
     Returns:
         dict with ``tier``, ``model``, ``identity``, ``load_s``, ``ttft_s``,
@@ -81,8 +82,10 @@ def bench_tier(backend: Backend, tier: TierConfig) -> dict:
     load_s = getattr(backend, "load_s", None)
     if not isinstance(load_s, (int, float)):
         load_s = time.perf_counter() - t0
-    rss_mb = psutil.Process().memory_info().rss / 2**20
-
+    # Warm-up: the first call after a load pages the (mmapped) weights in and sizes
+    # compute buffers; that is load cost, not per-token cost.
+    backend.generate([{"role": "user", "content": "Hello."}], max_tokens=2, temperature=0.0)
+    rss_mb = psutil.Process().memory_info().rss / 2**20  # weights paged in by now
     _cold(backend)
     ttft = backend.generate(_prompt("Measurement one", 72, 0, "Summarise this in one line."),
                             max_tokens=1, temperature=0.0)

@@ -1,16 +1,16 @@
 """Signals of DESIGN.md: features, novelty, drift, instability, surprise, context, SNARC.
 
-Features are hashed character n-grams (scikit-learn's ``HashingVectorizer``,
-``char_wb`` 3–5-grams, 2^18 buckets, L2-normalised), so a dot product is a
-cosine. The experience index keeps every stored prompt's vector as an
+Features are hashed character n-grams (scikit-learn's ``char_wb`` analyzer,
+3–5-grams, 2^18 buckets, L2-normalised), so a dot product is a cosine. The experience index keeps every stored prompt's vector as an
 inverted index (features × experiences, CSR), so a query costs one sparse
 vector–matrix product over the postings of the query's n-grams: exact cosines,
-about 0.5 ms for 10,000 experiences on one core.
+about 0.6 ms for 10,000 GSM8K-length prompts on one core.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,18 +23,43 @@ N_FEATURES = 2**18
 
 
 class FeatureEncoder:
-    """Text → sparse L2-normalised vector of shape (1, 2^18), float32."""
+    """Text → sparse L2-normalised term-count vector of shape (1, 2^18), float32.
+
+    The n-grams are scikit-learn's ``char_wb`` analyzer (lower-cased,
+    3–5-grams within word boundaries); each is hashed with CRC-32 into 2^18
+    buckets (the hashing trick, Weinberger et al. 2009; the same vectors as
+    ``HashingVectorizer`` up to the choice of hash, at a fifth of its
+    per-call overhead).
+    """
 
     def __init__(self, n_features: int = N_FEATURES, ngram_range: tuple[int, int] = (3, 5)):
+        if n_features & (n_features - 1):
+            raise ValueError(f"n_features must be a power of two, got {n_features}")
         self.n_features = n_features
-        self._hv = HashingVectorizer(analyzer="char_wb", ngram_range=ngram_range, n_features=n_features,
-                                     alternate_sign=False, norm="l2", dtype=np.float32, lowercase=True)
+        self._analyze = HashingVectorizer(analyzer="char_wb", ngram_range=ngram_range,
+                                          lowercase=True).build_analyzer()
+
+    def _parts(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        grams = self._analyze(text)
+        if not grams:
+            return np.zeros(0, np.int32), np.zeros(0, np.float32)
+        idx = np.fromiter((zlib.crc32(g.encode("utf-8")) for g in grams), dtype=np.int64, count=len(grams))
+        cols, counts = np.unique(idx & (self.n_features - 1), return_counts=True)
+        vals = counts.astype(np.float32)
+        vals /= np.float32(np.sqrt(float((vals * vals).sum())))
+        return cols.astype(np.int32), vals
 
     def encode(self, text: str) -> sp.csr_matrix:
-        return self._hv.transform([text]).tocsr()
+        cols, vals = self._parts(text)
+        return sp.csr_matrix((vals, cols, np.array([0, len(cols)], dtype=np.int32)), shape=(1, self.n_features))
 
     def encode_many(self, texts: list[str]) -> sp.csr_matrix:
-        return self._hv.transform(texts).tocsr()
+        parts = [self._parts(t) for t in texts]
+        indptr = np.zeros(len(parts) + 1, dtype=np.int64)
+        indptr[1:] = np.cumsum([len(c) for c, _ in parts])
+        cols = np.concatenate([c for c, _ in parts]) if parts else np.zeros(0, np.int32)
+        vals = np.concatenate([v for _, v in parts]) if parts else np.zeros(0, np.float32)
+        return sp.csr_matrix((vals, cols, indptr), shape=(len(parts), self.n_features))
 
 
 class ExperienceIndex:
@@ -45,12 +70,13 @@ class ExperienceIndex:
     tail that is merged into the inverted index every ``merge_every`` rows.
     """
 
-    def __init__(self, n_features: int = N_FEATURES, merge_every: int = 256):
+    def __init__(self, n_features: int = N_FEATURES, merge_every: int = 32):
         self.n_features = n_features
         self.merge_every = merge_every
         self._main_t = sp.csr_matrix((n_features, 0), dtype=np.float32)  # features × rows
         self._main_rows: list[sp.csr_matrix] = []
         self._tail: list[sp.csr_matrix] = []
+        self._tail_stack: sp.csr_matrix | None = None
         self.tier = np.zeros(0, dtype=np.int16)
         self.outcome = np.zeros(0, dtype=np.float32)
         self.completion_tokens = np.zeros(0, dtype=np.float32)
@@ -62,6 +88,7 @@ class ExperienceIndex:
     def add(self, vec: sp.csr_matrix, tier: int, outcome: float, completion_tokens: float, exp_id: int = -1) -> int:
         """Append one experience; returns its row."""
         self._tail.append(vec)
+        self._tail_stack = None
         self.tier = np.append(self.tier, np.int16(tier))
         self.outcome = np.append(self.outcome, np.float32(outcome))
         self.completion_tokens = np.append(self.completion_tokens, np.float32(completion_tokens))
@@ -90,6 +117,7 @@ class ExperienceIndex:
             return
         self._main_rows.append(sp.vstack(self._tail).tocsr())
         self._tail = []
+        self._tail_stack = None
         if len(self._main_rows) > 1:
             self._main_rows = [sp.vstack(self._main_rows).tocsr()]
         self._main_t = self._main_rows[0].T.tocsr()
@@ -98,9 +126,12 @@ class ExperienceIndex:
         """Cosine of ``vec`` with every stored row, shape (len(self),), float32."""
         parts = []
         if self._main_t.shape[1]:
-            parts.append(np.asarray((vec @ self._main_t).todense()).ravel())
+            # rows of the inverted index for the query's n-grams, weighted by the query's values
+            parts.append(self._main_t[vec.indices].T.dot(vec.data))
         if self._tail:
-            parts.append(np.asarray((sp.vstack(self._tail) @ vec.T).todense()).ravel())
+            if self._tail_stack is None:
+                self._tail_stack = sp.vstack(self._tail).tocsr()
+            parts.append(np.asarray((self._tail_stack @ vec.T).todense()).ravel())
         if not parts:
             return np.zeros(0, dtype=np.float32)
         return np.concatenate(parts).astype(np.float32, copy=False)

@@ -259,6 +259,7 @@ class LlamaBackend:
         except BackendError:
             raise
         except Exception as e:
+            self.reset()  # llama.cpp's token bookkeeping may be half updated
             raise self._err("generation failed", e) from e
         t_end = time.perf_counter()
         if text is None:
@@ -326,7 +327,7 @@ class LlamaBackend:
                 new.extend((x[np.arange(hi - lo), nxt].astype(np.float64) - lse).tolist())
             llm._requires_eval = False  # the last decode produced the last token's logits
         except Exception as e:
-            llm.reset()
+            self.reset()
             raise self._err("scoring failed", e) from e
         out = known + new if len(known) < n - 1 else known[: n - 1]
         self._lp_tokens, self._lp = list(tokens), out
