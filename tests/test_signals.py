@@ -85,8 +85,11 @@ def brute(vecs: list[sp.csr_matrix], q: sp.csr_matrix) -> np.ndarray:
 def test_similarities_equal_brute_force_via_add_across_merges(n_add):
     idx = ExperienceIndex(ENC.n_features, merge_every=4)
     vecs = [ENC.encode(p) for p in PROMPTS[:n_add]]
+    q0 = ENC.encode(PROMPTS[0])
     for i, v in enumerate(vecs):
         assert idx.add(v, tier=i % 3, outcome=float(i % 2), completion_tokens=10 + i, exp_id=100 + i) == i
+        # a query after every append sees the new row too
+        assert np.allclose(idx.similarities(q0), brute(vecs[:i + 1], q0), atol=1e-6)
     assert len(idx) == n_add
     for q_text in (PROMPTS[0], PROMPTS[9], "something else entirely"):
         q = ENC.encode(q_text)
@@ -125,6 +128,36 @@ def test_similarities_equal_brute_force_mixing_add_many_and_add():
         assert int(np.argmax(idx.similarities(ENC.encode(p)))) == i
     assert list(idx.tier) == [0] * 3 + [1] * 6 + [2] * 6 + [0] * bulk2.shape[0] + [1]
     assert np.isnan(idx.outcome[9:15]).all() and not np.isnan(idx.outcome[:9]).any()
+
+
+ops = st.lists(st.one_of(
+    st.tuples(st.just("add"), st.integers(0, len(PROMPTS) - 1)),
+    st.tuples(st.just("bulk"), st.lists(st.integers(0, len(PROMPTS) - 1), max_size=5)),
+    st.tuples(st.just("query"), st.integers(0, len(PROMPTS) - 1)),
+), max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops, st.integers(1, 6))
+def test_similarities_equal_brute_force_for_any_interleaving(operations, merge_every):
+    """Queries between appends (as the router does) see every row added so far, in order."""
+    idx = ExperienceIndex(ENC.n_features, merge_every=merge_every)
+    vecs: list[sp.csr_matrix] = []
+    for op, arg in operations:
+        if op == "add":
+            assert idx.add(ENC.encode(PROMPTS[arg]), arg % 3, 1.0, 1, exp_id=arg) == len(vecs)
+            vecs.append(ENC.encode(PROMPTS[arg]))
+        elif op == "bulk":
+            m = ENC.encode_many([PROMPTS[i] for i in arg])
+            idx.add_many(m, [i % 3 for i in arg], [0.0] * len(arg), [1] * len(arg), arg)
+            vecs.extend(m[i] for i in range(len(arg)))
+        else:
+            q = ENC.encode(PROMPTS[arg])
+            sims = idx.similarities(q)
+            assert sims.shape == (len(vecs),)
+            if vecs:
+                assert np.allclose(sims, brute(vecs, q), atol=1e-5)
+        assert len(idx) == len(vecs)
 
 
 def test_add_many_with_no_rows_is_a_no_op_and_empty_index_has_no_similarities():

@@ -15,6 +15,7 @@ from .atp import TierCost, cost_from_calibration, estimated_cost
 from .backends import make_backend
 from .backends.base import Backend
 from .config import Settings, load_settings
+from .errors import DreamrouteError
 from .router.engine import Engine, feedback_update
 from .router.memory import BudgetPacer, Memory
 from .router.policies import make_policy
@@ -23,11 +24,26 @@ from .store.store import Store
 
 
 def tier_costs(settings: Settings, store: Store, identities: dict[str, str]) -> dict[str, TierCost]:
-    """ATP model per tier: the stored ``bench`` calibration, else the size estimate."""
+    """ATP model per tier: the ``bench`` calibration in this store, else the one in the
+    machine's default store (calibration describes the machine, not a run), else the
+    estimate by model size (:func:`dreamroute.atp.estimated_cost`)."""
+    default_db = settings.data_dir / "dreamroute.db"
+    fallback = None
+    if Path(store.path or "") != default_db and default_db.is_file():
+        try:
+            fallback = Store(default_db)
+        except DreamrouteError:
+            fallback = None
     out = {}
-    for t in settings.tiers:
-        cal = store.get_calibration(identities[t.name])
-        out[t.name] = cost_from_calibration(cal, t.watts) if cal else estimated_cost(t.params_b, t.watts)
+    try:
+        for t in settings.tiers:
+            cal = store.get_calibration(identities[t.name])
+            if cal is None and fallback is not None:
+                cal = fallback.get_calibration(identities[t.name])
+            out[t.name] = cost_from_calibration(cal, t.watts) if cal else estimated_cost(t.params_b, t.watts)
+    finally:
+        if fallback is not None:
+            fallback.close()
     return out
 
 

@@ -111,6 +111,7 @@ def demo(n: int = typer.Option(30, help="Generated problems to route (levels 1-5
 @app.command()
 @_errors
 def bench(tier: Optional[list[str]] = typer.Option(None, "--tier", help="Tiers to bench (default: all llama tiers)."),
+          repeats: int = typer.Option(3, help="Measure each speed this many times; keep the fastest."),
           json_path: Optional[Path] = typer.Option(None, "--json", help="Write a list with one object per tier."),
           config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
     """Benchmark each tier (load, TTFT, prefill and decode tokens/s, RSS) and store the ATP calibration."""
@@ -127,7 +128,7 @@ def bench(tier: Optional[list[str]] = typer.Option(None, "--tier", help="Tiers t
             console.print(f"benchmarking {name} ({t.model}) ...")
             backend = make_backend(t, settings)
             try:
-                r = bench_tier(backend, t)
+                r = bench_tier(backend, t, repeats=repeats)
             finally:
                 backend.close()
             store.save_calibration(r["identity"], name, r)
