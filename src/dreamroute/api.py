@@ -74,6 +74,7 @@ class DreamRoute:
         self.seed = seed
         self.budget = budget
         tiers = self.settings.tier_names
+        self.policy = make_policy(policy, tiers, self.settings.router, seed=seed)  # validate before loading
         self._own_store = store is None
         self.store = store or Store(db or self.settings.db_path)
         if backends is None:
@@ -88,7 +89,6 @@ class DreamRoute:
         self.memory = Memory(tiers, self.settings.router, tier_costs(self.settings, self.store, identities))
         self.memory.load(self.store, versions)
         self.pacer = BudgetPacer(budget, self.settings.router.lambda_rate, self.settings.router.lambda_init)
-        self.policy = make_policy(policy, tiers, self.settings.router, seed=seed)
         self.engine = Engine(tiers, backends, self.store, self.memory, self.policy, self.pacer, run_id)
 
     def complete(self, prompt: str | list[dict], *, gold: str | None = None, grader: str | None = None,

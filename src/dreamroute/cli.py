@@ -22,8 +22,8 @@ ledger_app = typer.Typer(help="The hash-chained ledger of trust changes.", no_ar
 models_app = typer.Typer(help="Model weights of the hierarchy.", no_args_is_help=True)
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(models_app, name="models")
-console = Console()
-err = Console(stderr=True)
+console = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = typer.Option(None, "--config", help="YAML config file (tiers:, router:, data_dir:).")
 DbOpt = typer.Option(None, "--db", help="SQLite store path (default: the user data directory).")
