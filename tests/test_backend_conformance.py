@@ -319,7 +319,7 @@ def test_openai_score_unsupported_and_connection_errors():
 
 def test_make_backend(tmp_path):
     settings = Settings(model_cache=tmp_path)
-    with pytest.raises(ConfigError, match="built in code by tests"):
+    with pytest.raises(ConfigError, match="built in code"):
         make_backend(TierConfig(name="s", model="m", backend="scripted"), settings)
     b = make_backend(TierConfig(name="r", model="m", backend="openai", base_url="http://x/v1/"), settings)
     assert isinstance(b, OpenAIBackend) and b.identity == "http://x/v1#m"

@@ -87,7 +87,7 @@ def test_similarities_equal_brute_force_via_add_across_merges(n_add):
     vecs = [ENC.encode(p) for p in PROMPTS[:n_add]]
     q0 = ENC.encode(PROMPTS[0])
     for i, v in enumerate(vecs):
-        assert idx.add(v, tier=i % 3, outcome=float(i % 2), completion_tokens=10 + i, exp_id=100 + i) == i
+        assert idx.add(v, tier=i % 3, outcome=float(i % 2), atp=10 + i, exp_id=100 + i) == i
         # a query after every append sees the new row too
         assert np.allclose(idx.similarities(q0), brute(vecs[:i + 1], q0), atol=1e-6)
     assert len(idx) == n_add

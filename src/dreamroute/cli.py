@@ -110,6 +110,58 @@ def demo(n: int = typer.Option(30, help="Generated problems to route (levels 1-5
 
 @app.command()
 @_errors
+def collect(workload: str = typer.Argument(..., help="Workload to record (as for run)."),
+            tiers: Optional[list[str]] = typer.Option(None, "--tiers", help="Tiers to run (default: all)."),
+            limit: Optional[int] = typer.Option(None, help="Only the first N items."),
+            out: Path = typer.Option(..., "--out", help="Recorded-outcome JSONL to write (resumable)."),
+            config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
+    """Run every chosen tier on every item once and record the outcomes, for replay with `simulate`."""
+    from .eval.collect import collect as do_collect
+    settings = _settings(config, db)
+    for t in tiers or []:
+        settings.tier(t)
+    res = do_collect(settings, workload, tiers=tiers, limit=limit, out=out, console=console)
+    console.print(res)
+
+
+@app.command()
+@_errors
+def simulate(recorded: Path = typer.Argument(..., help="Recorded outcomes: a collect/local_tiers JSONL, a RouteLLM CSV, or a directory of them."),
+             policy: str = typer.Option("dreamroute", help="dreamroute | always:TIER | random[:P] | cascade[:T] | oracle"),
+             sweep: Optional[int] = typer.Option(None, help="K runs across the policy's knob (budget, threshold, P)."),
+             shuffle: Optional[int] = typer.Option(None, help="Replay in an order shuffled with this seed."),
+             seeds: int = typer.Option(1, help="Repeat everything random N times and average."),
+             budget: Optional[float] = typer.Option(None, help="Average ATP per request (single run)."),
+             seed: int = typer.Option(0), plot: Optional[Path] = typer.Option(None, help="Cost-quality PNG."),
+             json_path: Optional[Path] = typer.Option(None, "--json"),
+             config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
+    """Replay recorded outcomes through the live router (bandit feedback), with metrics and a curve."""
+    from .eval.runner import write_json
+    from .eval.simulate import print_simulation, simulate as do_simulate
+    settings = _settings(config, None)
+    res = do_simulate(settings, recorded, policy=policy, sweep=sweep, shuffle=shuffle, seeds=seeds, budget=budget,
+                      seed=seed, db=db, console=console)
+    print_simulation(res, console)
+    if plot:
+        from .eval.plot import plot_cost_quality
+        curves = {policy: [(p["cost_fraction"], p["accuracy"]) for p in res.get("points", [])]} if sweep else {}
+        singles = {t: (v["cost_fraction"], v["accuracy"]) for t, v in res["singles"].items()}
+        if not sweep:
+            singles[policy] = (res["atp_joules"] / max(1e-12, _top_atp(res)), res["accuracy"])
+        plot_cost_quality(plot, curves, singles, (res["oracle"]["cost_fraction"], res["oracle"]["accuracy"]),
+                          f"{policy} on {res['recording']}")
+        console.print(f"wrote {plot}")
+    if json_path:
+        write_json(json_path, res)
+        console.print(f"wrote {json_path}")
+
+
+def _top_atp(res: dict) -> float:
+    return res["top_atp_joules"]
+
+
+@app.command()
+@_errors
 def bench(tier: Optional[list[str]] = typer.Option(None, "--tier", help="Tiers to bench (default: all llama tiers)."),
           repeats: int = typer.Option(3, help="Measure each speed this many times; keep the fastest."),
           json_path: Optional[Path] = typer.Option(None, "--json", help="Write a list with one object per tier."),

@@ -81,7 +81,7 @@ class TierConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     model: str
-    backend: Literal["llama", "openai", "scripted"] = "llama"
+    backend: Literal["llama", "openai", "scripted", "replay"] = "llama"
     source: ModelSource | None = None
     base_url: str | None = None
     api_key: str | None = None

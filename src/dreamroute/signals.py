@@ -66,7 +66,7 @@ class ExperienceIndex:
     """Nearest-neighbour index over stored experiences (rows appended in id order).
 
     Per row: the prompt vector, the tier index, the outcome (1.0 success, 0.0
-    failure, NaN unknown) and the completion tokens. Appends go to a small
+    failure, NaN unknown) and the ATP the call was charged (J). Appends go to a small
     tail that is merged into the inverted index every ``merge_every`` rows.
     """
 
@@ -79,25 +79,26 @@ class ExperienceIndex:
         self._tail_stack: sp.csr_matrix | None = None
         self.tier = np.zeros(0, dtype=np.int16)
         self.outcome = np.zeros(0, dtype=np.float32)
-        self.completion_tokens = np.zeros(0, dtype=np.float32)
+        self.atp = np.zeros(0, dtype=np.float32)
         self.ids = np.zeros(0, dtype=np.int64)
+        self.outcome_version = 0  # bumped when a stored outcome changes (feedback)
 
     def __len__(self) -> int:
         return len(self.tier)
 
-    def add(self, vec: sp.csr_matrix, tier: int, outcome: float, completion_tokens: float, exp_id: int = -1) -> int:
+    def add(self, vec: sp.csr_matrix, tier: int, outcome: float, atp: float, exp_id: int = -1) -> int:
         """Append one experience; returns its row."""
         self._tail.append(vec)
         self._tail_stack = None
         self.tier = np.append(self.tier, np.int16(tier))
         self.outcome = np.append(self.outcome, np.float32(outcome))
-        self.completion_tokens = np.append(self.completion_tokens, np.float32(completion_tokens))
+        self.atp = np.append(self.atp, np.float32(atp))
         self.ids = np.append(self.ids, np.int64(exp_id))
         if len(self._tail) >= self.merge_every:
             self._merge()
         return len(self.tier) - 1
 
-    def add_many(self, vecs: sp.csr_matrix, tiers, outcomes, completion_tokens, ids) -> None:
+    def add_many(self, vecs: sp.csr_matrix, tiers, outcomes, atp, ids) -> None:
         """Bulk append (used when rebuilding from the store)."""
         if vecs.shape[0] == 0:
             return
@@ -106,11 +107,12 @@ class ExperienceIndex:
         self._main_t = sp.vstack(self._main_rows).T.tocsr() if self._main_rows else self._main_t
         self.tier = np.concatenate([self.tier, np.asarray(tiers, dtype=np.int16)])
         self.outcome = np.concatenate([self.outcome, np.asarray(outcomes, dtype=np.float32)])
-        self.completion_tokens = np.concatenate([self.completion_tokens, np.asarray(completion_tokens, dtype=np.float32)])
+        self.atp = np.concatenate([self.atp, np.asarray(atp, dtype=np.float32)])
         self.ids = np.concatenate([self.ids, np.asarray(ids, dtype=np.int64)])
 
     def set_outcome(self, row: int, outcome: float) -> None:
         self.outcome[row] = outcome
+        self.outcome_version += 1
 
     def _merge(self) -> None:
         if not self._tail:

@@ -42,8 +42,8 @@ def make_backend(tier: "TierConfig", settings: "Settings", *, seed: int = 0) -> 
         from .openai_http import OpenAIBackend
 
         return OpenAIBackend(tier)
-    if tier.backend == "scripted":
+    if tier.backend in ("scripted", "replay"):
         raise ConfigError(
-            f"tier {tier.name!r} has backend 'scripted': scripted tiers are built in code by tests "
+            f"tier {tier.name!r} has backend {tier.backend!r}: scripted and replay tiers are built in code (tests, simulate) "
             "(dreamroute.backends.scripted.ScriptedBackend); use 'llama' or 'openai' in a config file.")
     raise ConfigError(f"tier {tier.name!r}: unknown backend {tier.backend!r}; use 'llama' or 'openai'")

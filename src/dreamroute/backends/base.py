@@ -51,7 +51,14 @@ class Generation:
 
     @property
     def mean_logprob(self) -> float | None:
-        """Mean natural-log probability per generated token, ``None`` if unknown."""
+        """Mean natural-log probability per generated token, ``None`` if unknown.
+
+        A backend without per-token logprobs (``token_logprobs is None``) may give
+        the mean itself as ``extra["mean_logprob"]`` (a recorded source does).
+        """
+        if self.token_logprobs is None:
+            v = self.extra.get("mean_logprob")
+            return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
         if not self.token_logprobs:
             return None
         vals = [v for v in self.token_logprobs if v is not None and math.isfinite(v)]

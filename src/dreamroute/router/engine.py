@@ -37,8 +37,11 @@ def prompt_hash(text: str) -> str:
 def confidence(call_text: str, mean_logprob: float | None, grader_name: str | None) -> float | None:
     """exp(mean token logprob) × (1 if the answer is in the expected form else 0.5).
 
-    With no logprobs the form alone gives 1.0 or 0.5; with neither, None.
+    With no logprobs the form alone gives 1.0 or 0.5; with neither (or an
+    empty response, e.g. a recording that kept only grades), None.
     """
+    if not call_text.strip() and mean_logprob is None:
+        return None
     form = None
     if grader_name:
         form = 1.0 if get_grader(grader_name).well_formed(call_text) else 0.5
@@ -93,12 +96,15 @@ class Engine:
         a recorded source without them) gives None: surprise is missing, not zero.
         """
         tier = self.tiers[0]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             lps = self.backends[tier].score(request.messages)
         except BackendError:
-            return None, 0.0, time.perf_counter() - t0
+            lps = None
         secs = time.perf_counter() - t0
+        self._surprise_cpu_s = time.thread_time() - c0
+        if lps is None:
+            return None, 0.0, secs
         if not lps:
             return None, 0.0, secs
         atp = self.memory.costs[tier].joules(len(lps) + 1, 0)
@@ -124,14 +130,16 @@ class Engine:
 
     def answer(self, request: Request) -> Answer:
         """Route and answer one request (no outcome is judged here)."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
+        self._surprise_cpu_s = 0.0
         vec = self.memory.encoder.encode(request.prompt)
         hood = self.memory.neighbourhood(vec)
         signals, surprise_atp, surprise_s = self._signals(request, vec, hood)
         view = RouteView(signals, hood, self.memory, self.pacer, sum(len(m.get("content", "")) for m in request.messages))
         decision = self.policy.route(request, view)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.thread_time()
         decision.overhead_ms = ((t1 - t0) - surprise_s) * 1e3
+        decision.overhead_cpu_ms = ((c1 - c0) - self._surprise_cpu_s) * 1e3
         calls = [self._call(decision.tier, "chosen", request)]
         while (nxt := self.policy.escalate(decision, calls[-1], view)) is not None:
             calls.append(self._call(nxt, "escalated", request))
@@ -213,8 +221,8 @@ class Engine:
         for c, o, eid in zip(answer.calls, outcomes, ids):
             ti = mem.tier_index[c.tier]
             value = OUTCOME_VALUE.get(o.outcome, math.nan)
-            mem.exp_rows[eid] = mem.index.add(vec, ti, value, c.generation.completion_tokens, eid)
-            mem.tier_stats[c.tier].add(len(req.prompt), c.generation.prompt_tokens, c.generation.completion_tokens)
+            mem.exp_rows[eid] = mem.index.add(vec, ti, value, c.atp, eid)
+            mem.tier_stats[c.tier].add(len(req.prompt), c.generation.prompt_tokens, c.atp)
             if c.role != "audit" and o.outcome in OUTCOME_VALUE:
                 mem.calibration.add(ti, c.confidence, value)
         s = answer.decision.signals.surprise

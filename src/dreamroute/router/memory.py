@@ -15,7 +15,7 @@ import scipy.sparse as sp
 
 from ..atp import TierCost
 from ..config import RouterConfig
-from ..signals import ExperienceIndex, FeatureEncoder, SurpriseStats, top_k
+from ..signals import ExperienceIndex, FeatureEncoder, SurpriseStats
 from ..trust import TrustBook, TrustState
 
 CONF_BINS = 5
@@ -24,32 +24,38 @@ OUTCOME_VALUE = {"success": 1.0, "failure": 0.0}
 
 @dataclass
 class TierStats:
-    """Running per-tier averages used for expected ATP (tokens per char, completion tokens)."""
+    """Running per-tier totals: calls, prompt characters and tokens, ATP charged."""
 
     chars: float = 0.0
     prompt_tokens: float = 0.0
-    completion_tokens: float = 0.0
+    atp: float = 0.0
     n: int = 0
 
-    def add(self, chars: int, prompt_tokens: int, completion_tokens: int) -> None:
+    def add(self, chars: int, prompt_tokens: int, atp: float) -> None:
         self.chars += chars
         self.prompt_tokens += prompt_tokens
-        self.completion_tokens += completion_tokens
+        self.atp += atp
         self.n += 1
 
     def tokens_per_char(self) -> float:
         return self.prompt_tokens / self.chars if self.chars > 0 else 0.3
 
-    def mean_completion(self, default: float) -> float:
-        return self.completion_tokens / self.n if self.n else default
+    def mean_atp(self) -> float | None:
+        return self.atp / self.n if self.n else None
 
 
 class ConfidenceCalibration:
-    """P(success | tier, confidence bin), learned from outcomes of answered calls.
+    """How a tier's answer confidence predicts its success, learned from outcomes.
 
-    Confidence in [0, 1] is cut into ``CONF_BINS`` equal bins; each holds
-    success and trial counts. ``estimate`` shrinks a bin's rate toward a prior
-    p with ``weight`` pseudo-observations: (s + w·p) / (n + w).
+    Confidence in [0, 1] is cut into ``CONF_BINS`` equal bins (plus one for
+    "no signal"); each bin counts successes and trials per tier. ``adjust``
+    combines an item-level prior p (the tier's p̂ for this prompt) with the
+    bin by Bayes' rule in odds form, assuming the bin and the prompt's
+    neighbours are independent evidence (naive Bayes):
+
+        logit P(success | x, c) = logit p̂(x) + logit P(success | c) − logit P(success)
+
+    with Laplace-smoothed rates. A bin with no observations leaves p̂ unchanged.
     """
 
     def __init__(self, n_tiers: int):
@@ -67,9 +73,19 @@ class ConfidenceCalibration:
         self.trials[tier, b] += 1
         self.success[tier, b] += outcome
 
-    def estimate(self, tier: int, confidence: float | None, prior: float, weight: float = 5.0) -> float:
+    def adjust(self, tier: int, confidence: float | None, prior: float) -> float:
         b = self.bin(confidence)
-        return float((self.success[tier, b] + weight * prior) / (self.trials[tier, b] + weight))
+        if self.trials[tier, b] == 0:
+            return prior
+        p_bin = (self.success[tier, b] + 1.0) / (self.trials[tier, b] + 2.0)
+        p_all = (self.success[tier].sum() + 1.0) / (self.trials[tier].sum() + 2.0)
+        p = min(1 - 1e-6, max(1e-6, prior))
+        z = _logit(p) + _logit(p_bin) - _logit(p_all)
+        return 1.0 / (1.0 + math.exp(-z))
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
 
 
 class BudgetPacer:
@@ -78,13 +94,17 @@ class BudgetPacer:
 
     λ ← max(0, λ + η (a_t / B − 1)) after each request that spent a_t joules
     (online dual subgradient pacing, e.g. Balseiro & Gur, "Learning in
-    repeated auctions with budgets", 2019). Without a budget λ stays 0.
+    repeated auctions with budgets", 2019). Without a budget (None) λ stays 0
+    and nothing is priced; a budget of 0 prices every call that costs
+    anything out (only free calls are allowed).
     """
 
     def __init__(self, budget: float | None, rate: float, lam0: float = 0.0):
+        if budget is not None and budget < 0:
+            raise ValueError(f"budget must be >= 0 J per request, got {budget}")
         self.budget = budget
         self.rate = rate
-        self.lam = lam0 if budget else 0.0
+        self.lam = lam0 if budget is not None else 0.0
         self.spent = 0.0
         self.n = 0
 
@@ -100,13 +120,18 @@ class BudgetPacer:
 
     def allows(self, extra: float) -> bool:
         """True when spending ``extra`` more now keeps the running average within budget."""
-        if not self.budget:
+        if self.budget is None:
             return True
-        return (self.spent + extra) / (self.n + 1) <= self.budget
+        return (self.spent + extra) / (self.n + 1) <= self.budget + 1e-12
 
     def price(self, atp: float) -> float:
-        """λ · ATP / B, the cost term in p̂ − λ·ATP (ATP normalised by the budget)."""
-        return self.lam * atp / self.budget if self.budget else 0.0
+        """λ · ATP / B, the cost term in p̂ − λ·ATP (ATP normalised by the budget); ∞ for a
+        call that costs anything under a zero budget."""
+        if self.budget is None:
+            return 0.0
+        if self.budget == 0:
+            return math.inf if atp > 0 else 0.0
+        return self.lam * atp / self.budget
 
 
 @dataclass
@@ -116,6 +141,13 @@ class Neighbourhood:
     sims: np.ndarray
     rows_all: np.ndarray
     rows_by_tier: list[np.ndarray]
+
+
+def _top_rows(sims: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """The k rows (of ``rows``) with the largest similarity, unordered."""
+    if len(rows) <= k:
+        return rows
+    return rows[np.argpartition(-sims[rows], k - 1)[:k]]
 
 
 class Memory:
@@ -141,6 +173,7 @@ class Memory:
         self.versions: dict[str, int] = {}
         self.conversations: dict[str, sp.csr_matrix] = {}
         self.exp_rows: dict[int, int] = {}
+        self._rows_cache = None
 
     # ---- building -------------------------------------------------------------------
     def load(self, store, versions: dict[str, int]) -> None:
@@ -150,7 +183,7 @@ class Memory:
         for row in store.trust_table():
             if row.model_version_id in by_version:
                 self.trust.set(row.model_version_id, row.context, TrustState(row.alpha, row.beta, row.count))
-        cols = ["id", "prompt", "tier", "model_version_id", "outcome", "prompt_tokens", "completion_tokens",
+        cols = ["id", "prompt", "tier", "model_version_id", "outcome", "prompt_tokens", "atp_joules",
                 "confidence", "surprise", "role"]
         rows = [r for r in store.experiences(cols) if r["model_version_id"] in by_version]
         if not rows:
@@ -158,11 +191,11 @@ class Memory:
         vecs = self.encoder.encode_many([r["prompt"] for r in rows])
         tiers = [self.tier_index[by_version[r["model_version_id"]]] for r in rows]
         outcomes = [OUTCOME_VALUE.get(r["outcome"], math.nan) for r in rows]
-        self.index.add_many(vecs, tiers, outcomes, [r["completion_tokens"] for r in rows], [r["id"] for r in rows])
+        self.index.add_many(vecs, tiers, outcomes, [r["atp_joules"] or 0.0 for r in rows], [r["id"] for r in rows])
         for i, r in enumerate(rows):
             self.exp_rows[r["id"]] = i
             tier = by_version[r["model_version_id"]]
-            self.tier_stats[tier].add(len(r["prompt"]), r["prompt_tokens"], r["completion_tokens"])
+            self.tier_stats[tier].add(len(r["prompt"]), r["prompt_tokens"], r["atp_joules"] or 0.0)
             if r["role"] != "audit" and r["outcome"] in OUTCOME_VALUE:
                 self.calibration.add(self.tier_index[tier], r["confidence"], OUTCOME_VALUE[r["outcome"]])
             if r["surprise"] is not None and tier == self.tiers[0]:
@@ -173,13 +206,21 @@ class Memory:
         """k nearest experiences with a known outcome, overall and per tier."""
         k = self.config.k
         sims = self.index.similarities(vec)
-        known = ~np.isnan(self.index.outcome) if len(sims) else np.zeros(0, bool)
-        rows_all = top_k(sims, known, k) if len(sims) else np.zeros(0, int)
-        by_tier = []
-        for i in range(len(self.tiers)):
-            mask = known & (self.index.tier == i) if len(sims) else known
-            by_tier.append(top_k(sims, mask, k) if len(sims) else np.zeros(0, int))
-        return Neighbourhood(sims, rows_all, by_tier)
+        if len(sims) == 0:
+            empty = np.zeros(0, dtype=np.int64)
+            return Neighbourhood(sims, empty, [empty] * len(self.tiers))
+        known_rows, tier_rows = self._known_rows()
+        rows_all = _top_rows(sims, known_rows, k)
+        return Neighbourhood(sims, rows_all, [_top_rows(sims, r, k) for r in tier_rows])
+
+    def _known_rows(self) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Rows with a known outcome, overall and per tier; cached until the index changes."""
+        key = (len(self.index), self.index.outcome_version)
+        if self._rows_cache is None or self._rows_cache[0] != key:
+            known = ~np.isnan(self.index.outcome)
+            per_tier = [np.flatnonzero(known & (self.index.tier == i)) for i in range(len(self.tiers))]
+            self._rows_cache = (key, np.flatnonzero(known), per_tier)
+        return self._rows_cache[1], self._rows_cache[2]
 
     def neighbour_counts(self, hood: Neighbourhood, tier: str) -> tuple[float, int]:
         """(successes, trials) among the tier's k nearest experiences."""
@@ -188,18 +229,22 @@ class Memory:
             return 0.0, 0
         return float(self.index.outcome[rows].sum()), int(len(rows))
 
-    def expected_completion(self, hood: Neighbourhood, tier: str, default: float) -> float:
+    def expected_atp(self, hood: Neighbourhood, tier: str, prompt_chars: int, max_tokens: int) -> float:
+        """Expected ATP of calling ``tier`` for this prompt, J.
+
+        The mean ATP charged to the tier's k nearest experiences (they answered
+        similar prompts, so their lengths and costs are alike); else the tier's
+        mean; else the cost model with the estimated prompt tokens and
+        three quarters of ``max_tokens``.
+        """
         rows = hood.rows_by_tier[self.tier_index[tier]]
         if len(rows):
-            return float(self.index.completion_tokens[rows].mean())
-        return self.tier_stats[tier].mean_completion(default)
-
-    def expected_atp(self, hood: Neighbourhood, tier: str, prompt_chars: int, max_tokens: int) -> float:
-        """Expected ATP of calling ``tier`` (J): estimated prompt tokens and the neighbours' completion length."""
+            return float(self.index.atp[rows].mean())
         stats = self.tier_stats[tier]
+        if stats.n:
+            return stats.mean_atp()
         prompt_tokens = prompt_chars * stats.tokens_per_char() + 12
-        completion = min(max_tokens, self.expected_completion(hood, tier, 0.75 * max_tokens))
-        return self.costs[tier].joules(int(prompt_tokens), int(completion))
+        return self.costs[tier].joules(int(prompt_tokens), int(0.75 * max_tokens))
 
     def trust_state(self, tier: str, context: str) -> TrustState:
         return self.trust.get(self.versions[tier], context)

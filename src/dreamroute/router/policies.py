@@ -130,10 +130,12 @@ class DreamroutePolicy(_Base):
     Thompson draw of it (θ_t itself drawn from the trust posterior) is what
     the choice maximises: draw_t − λ·ATP_t/B, subject to the quality target.
 
-    Escalation (DESIGN.md step 5): after tier t answers with confidence c
-    below ``escalate_below``, the learned P(success | t, c) is compared with
-    the next tier's p̂; escalate when that gain exceeds the next call's
-    λ-priced ATP and the budget allows it.
+    Escalation (DESIGN.md step 5, with the threshold learned): after tier t
+    answers with confidence c, P(success | x, t, c) combines p̂_t(x) with the
+    outcomes of earlier answers of t in the same confidence bin
+    (:class:`ConfidenceCalibration`); escalate when the next tier's p̂ exceeds it by more than the next
+    call's λ-priced ATP and the budget allows it. The confidence below which
+    a tier is escalated is thus learned per tier and moves with the budget.
     Audit: with probability a + b·n(x)², budget permitting.
     """
 
@@ -180,11 +182,10 @@ class DreamroutePolicy(_Base):
         if i + 1 >= len(self.tiers):
             return None
         nxt = self.tiers[i + 1]
-        p_now = view.memory.calibration.estimate(i, call.confidence, decision.p_hat.get(call.tier, 0.5))
+        p_now = view.memory.calibration.adjust(i, call.confidence, decision.p_hat.get(call.tier, 0.5))
         gain = decision.p_hat.get(nxt, 0.5) - p_now
         cost = decision.expected_atp.get(nxt, 0.0)
-        low = call.confidence is not None and call.confidence < self.config.escalate_below
-        if low and gain > view.pacer.price(cost) and view.pacer.allows(call.atp + cost):
+        if gain > view.pacer.price(cost) and view.pacer.allows(call.atp + cost):
             return nxt
         return None
 

@@ -61,7 +61,9 @@ class Decision:
         expected_atp: expected ATP per tier, J.
         lam: the budget multiplier λ used.
         audit: whether a higher tier should also answer.
-        overhead_ms: time spent deciding (model time excluded).
+        overhead_ms: wall time spent deciding (model time excluded), ms.
+        overhead_cpu_ms: CPU time of this thread spent deciding (model time
+            excluded), ms: the same work without the waits a shared machine adds.
     """
 
     request_id: str
@@ -74,6 +76,7 @@ class Decision:
     audit: bool = False
     explored: bool = False
     overhead_ms: float = 0.0
+    overhead_cpu_ms: float = 0.0
 
     @property
     def context(self) -> str:
