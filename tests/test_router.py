@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from dreamroute import DreamRoute
@@ -51,13 +53,18 @@ def test_budget_pacing_lowers_spend(tmp_path):
 
 
 def test_pacer_dual_update():
-    p = BudgetPacer(budget=10.0, rate=0.5)
-    p.update(30.0)  # overspent: λ rises by 0.5 * (3 - 1)
-    assert p.lam == pytest.approx(1.0)
-    p.update(0.0)  # underspent: λ falls by 0.5
-    assert p.lam == pytest.approx(0.5)
-    assert not p.allows(100.0) and p.allows(0.0)
+    p = BudgetPacer(budget=10.0, rate=0.5, lam0=1.0, horizon=2)
+    p.update(30.0)  # first request: smoothed spend 30 → λ × exp(0.5 · (30/10 − 1)) = e
+    assert p.smoothed == pytest.approx(30.0) and p.lam == pytest.approx(math.e)
+    p.update(0.0)  # smoothed 30 + (0 − 30)/2 = 15 → λ × exp(0.5 · 0.5)
+    assert p.smoothed == pytest.approx(15.0) and p.lam == pytest.approx(math.e * math.exp(0.25))
+    assert p.binding and not p.allows(100.0) and p.allows(0.0)
+    for _ in range(200):  # spending well under budget: λ decays to its floor and stops binding
+        p.update(1.0)
+    assert p.lam == pytest.approx(BudgetPacer.LAMBDA_MIN) and not p.binding
     assert BudgetPacer(None, 0.5).price(1e9) == 0.0
+    zero = BudgetPacer(0.0, 0.5)
+    assert zero.price(1.0) == math.inf and zero.price(0.0) == 0.0 and zero.binding
 
 
 def test_escalation_and_audit_are_charged_and_learned(tmp_path):

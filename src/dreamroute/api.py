@@ -88,7 +88,8 @@ class DreamRoute:
                     for t in self.settings.tiers}
         self.memory = Memory(tiers, self.settings.router, tier_costs(self.settings, self.store, identities))
         self.memory.load(self.store, versions)
-        self.pacer = BudgetPacer(budget, self.settings.router.lambda_rate, self.settings.router.lambda_init)
+        self.pacer = BudgetPacer(budget, self.settings.router.lambda_rate, self.settings.router.lambda_init,
+                                 self.settings.router.pacing_horizon)
         self.engine = Engine(tiers, backends, self.store, self.memory, self.policy, self.pacer, run_id)
 
     def complete(self, prompt: str | list[dict], *, gold: str | None = None, grader: str | None = None,

@@ -25,20 +25,27 @@ class TierCost:
         decode_s_per_token: seconds to generate one token.
         watts: power while computing, W.
         calibrated: True when measured by ``dreamroute bench``.
+        per_call: a fixed cost per call that replaces the formula (RouteLLM's
+            recordings: strong 1, weak 0, unitless), or None.
     """
 
     prefill_s_per_token: float
     decode_s_per_token: float
     watts: float
     calibrated: bool = False
+    per_call: float | None = None
 
     def joules(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
         """ATP of a call; cached prompt tokens (already in a KV state) cost nothing."""
+        if self.per_call is not None:
+            return self.per_call
         evaluated = max(0, prompt_tokens - cached_tokens)
         return (evaluated * self.prefill_s_per_token + completion_tokens * self.decode_s_per_token) * self.watts
 
     def joules_from_seconds(self, seconds: float) -> float:
         """ATP of a call known only by wall time."""
+        if self.per_call is not None:
+            return self.per_call
         return max(0.0, seconds) * self.watts
 
 

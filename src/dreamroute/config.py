@@ -116,8 +116,10 @@ class RouterConfig(BaseModel):
         audit_base / audit_novelty: audit probability a + b·n(x)².
         escalate_below: cascade threshold on response confidence in [0, 1].
         quality_target: minimum p̂ for a tier to be picked (None: no minimum).
-        lambda_rate: step of the budget-pacing dual update of λ.
-        lambda_init: λ before any spending is seen (per request, relative to budget).
+        lambda_rate: step η of the (log-space) budget-pacing update of λ.
+        lambda_init: λ before any spending is seen (1: a call costing the whole
+            per-request budget must buy one unit of success probability).
+        pacing_horizon: requests over which spending is smoothed for pacing.
         surprise: compute prompt surprise under the cheapest tier.
     """
 
@@ -137,8 +139,9 @@ class RouterConfig(BaseModel):
     audit_novelty: float = Field(0.45, ge=0, le=1)
     escalate_below: float = Field(0.5, ge=0, le=1)
     quality_target: float | None = Field(None, ge=0, le=1)
-    lambda_rate: float = Field(0.05, gt=0)
-    lambda_init: float = Field(0.0, ge=0)
+    lambda_rate: float = Field(0.1, gt=0)
+    lambda_init: float = Field(1.0, gt=0)
+    pacing_horizon: int = Field(50, ge=1)
     surprise: bool = True
 
     @field_validator("snarc_weights")

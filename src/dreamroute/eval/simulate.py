@@ -14,7 +14,7 @@ probability for ``random``); each point and seed starts from an empty store.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +91,8 @@ def replay_once(settings: Settings, rs: RecordedSet, policy: str, *, budget: flo
     store = Store(db) if db else Store(None)
     spec = "always:" + rs.tiers[0] if policy == "oracle" else policy
     dr = DreamRoute(sset, policy=spec, budget=budget, seed=seed, backends=backends, store=store)
+    for t, fixed in fixed_costs(rs).items():  # the recording's own unit cost replaces the formula
+        dr.memory.costs[t] = replace(dr.memory.costs[t], per_call=fixed)
     if policy == "oracle":
         dr.engine.policy = dr.policy = OraclePolicy(rs.tiers, cursor, seed)
     top = rs.tiers[-1]
@@ -128,6 +130,16 @@ def replay_once(settings: Settings, rs: RecordedSet, policy: str, *, budget: flo
             progress.remove_task(task)
     n = len(rs.items)
     return ReplayRun(right / n, atp, n, counts, calls, audits, escalations, top_calls)
+
+
+def fixed_costs(rs: RecordedSet) -> dict[str, float]:
+    """Tiers whose every recorded call has the same fixed ``atp_joules`` (RouteLLM: weak 0, strong 1)."""
+    out = {}
+    for t in rs.tiers:
+        vals = {it.calls[t].atp_joules for it in rs.items}
+        if len(vals) == 1 and None not in vals and rs.kind == "routellm":
+            out[t] = float(vals.pop())
+    return out
 
 
 def _identity(t: TierConfig) -> str:

@@ -74,7 +74,17 @@ class ConfidenceCalibration:
         self.success[tier, b] += outcome
 
     def adjust(self, tier: int, confidence: float | None, prior: float) -> float:
-        b = self.bin(confidence)
+        return self.adjust_bin(tier, self.bin(confidence), prior)
+
+    def bin_distribution(self, tier: int) -> np.ndarray | None:
+        """P(bin | tier) over the bins seen so far (Laplace-smoothed over them), or None before any."""
+        seen = self.trials[tier] > 0
+        if not seen.any():
+            return None
+        w = np.where(seen, self.trials[tier] + 1.0, 0.0)
+        return w / w.sum()
+
+    def adjust_bin(self, tier: int, b: int, prior: float) -> float:
         if self.trials[tier, b] == 0:
             return prior
         p_bin = (self.success[tier, b] + 1.0) / (self.trials[tier, b] + 2.0)
@@ -89,34 +99,50 @@ def _logit(p: float) -> float:
 
 
 class BudgetPacer:
-    """Budget-paced λ: a dual (Lagrange multiplier) update so the running
-    average ATP per request follows the budget B.
+    """Budget-paced λ, so the running average ATP per request follows the budget B.
 
-    λ ← max(0, λ + η (a_t / B − 1)) after each request that spent a_t joules
-    (online dual subgradient pacing, e.g. Balseiro & Gur, "Learning in
-    repeated auctions with budgets", 2019). Without a budget (None) λ stays 0
-    and nothing is priced; a budget of 0 prices every call that costs
-    anything out (only free calls are allowed).
+    Spending is smoothed with an exponential moving average over about
+    ``horizon`` requests, s ← s + (a_t − s)/H, and λ follows a multiplicative
+    dual update, log λ ← log λ + η (s / B − 1), clipped to [λ_min, λ_max]
+    (online dual descent on the budget constraint, as in budget pacing for
+    ad auctions: Balseiro & Gur 2019, "Learning in repeated auctions with
+    budgets"; the update is in log space so one rule works whatever the
+    ratio of a tier's ATP to the budget, and it is smoothed so that, within a
+    window, λ is nearly constant and the requests with the best gain per
+    joule are the ones that get the expensive tiers). Without a budget (None)
+    nothing is priced; a budget of 0 prices every call that costs anything out.
     """
 
-    def __init__(self, budget: float | None, rate: float, lam0: float = 0.0):
+    LAMBDA_MIN = 1e-4
+    LAMBDA_MAX = 1e4
+
+    def __init__(self, budget: float | None, rate: float, lam0: float = 1.0, horizon: int = 50):
         if budget is not None and budget < 0:
             raise ValueError(f"budget must be >= 0 J per request, got {budget}")
         self.budget = budget
         self.rate = rate
-        self.lam = lam0 if budget is not None else 0.0
+        self.horizon = horizon
+        self.lam = min(self.LAMBDA_MAX, max(self.LAMBDA_MIN, lam0)) if budget else 0.0
+        self.smoothed = budget or 0.0
         self.spent = 0.0
         self.n = 0
 
     def update(self, atp: float) -> None:
         self.spent += atp
         self.n += 1
+        self.smoothed += (atp - self.smoothed) / min(self.n, self.horizon)
         if self.budget:
-            self.lam = max(0.0, self.lam + self.rate * (atp / self.budget - 1.0))
+            step = self.rate * (self.smoothed / self.budget - 1.0)
+            self.lam = min(self.LAMBDA_MAX, max(self.LAMBDA_MIN, self.lam * math.exp(max(-5.0, min(5.0, step)))))
 
     @property
     def average(self) -> float:
         return self.spent / self.n if self.n else 0.0
+
+    @property
+    def binding(self) -> bool:
+        """True while the budget constrains spending (λ above its floor, or a zero budget)."""
+        return self.budget is not None and (self.budget == 0 or self.lam > 2 * self.LAMBDA_MIN)
 
     def allows(self, extra: float) -> bool:
         """True when spending ``extra`` more now keeps the running average within budget."""

@@ -128,15 +128,21 @@ class DreamroutePolicy(_Base):
     posterior P(success | x, t) ~ Beta(1 + s_t + w·θ_t, 1 + m_t − s_t + w(1 − θ_t))
     with w = ``shrinkage`` pseudo-observations; p̂_t is its mean, and a
     Thompson draw of it (θ_t itself drawn from the trust posterior) is what
-    the choice maximises: draw_t − λ·ATP_t/B, subject to the quality target.
+    the choice maximises, subject to the quality target: for the top tier
+    draw − λ·ATP/B; for a lower tier the value of calling it first and
+    escalating when its answer looks weak (:meth:`cascade_value`) minus its
+    λ-priced ATP.
 
     Escalation (DESIGN.md step 5, with the threshold learned): after tier t
     answers with confidence c, P(success | x, t, c) combines p̂_t(x) with the
     outcomes of earlier answers of t in the same confidence bin
     (:class:`ConfidenceCalibration`); escalate when the next tier's p̂ exceeds it by more than the next
-    call's λ-priced ATP and the budget allows it. The confidence below which
+    call's λ-priced ATP (λ is what keeps the average within budget). The confidence below which
     a tier is escalated is thus learned per tier and moves with the budget.
-    Audit: with probability a + b·n(x)², budget permitting.
+    Audit: with probability a + b·n(x)², budget permitting: only while the
+    budget does not bind (no budget, or spending has stayed under it long
+    enough for λ to fall to its floor), so a binding budget is spent on
+    answers, not on checks.
     """
 
     audits = True
@@ -159,21 +165,56 @@ class DreamroutePolicy(_Base):
             out[t] = float(self.rng.beta(a, b)) if sample else a / (a + b)
         return out
 
+    def cascade_value(self, i: int, p_t: float, alternative: float, view: RouteView) -> tuple[float, float] | None:
+        """Calling tier i first and escalating when its answer looks weak: (expected
+        success, probability of escalating), or None before tier i has any graded answer.
+
+        Expected success = Σ_b P(b | tier i) · max(P(success | x, i, b), alternative),
+        with b the answer's confidence bin and ``alternative`` = the next tier's
+        p̂ minus its λ-priced ATP (one-step lookahead, as in cascades that learn
+        when to defer: FrugalGPT, Chen et al. 2023; AutoMix, Madaan et al. 2023).
+        """
+        cal = view.memory.calibration
+        dist = cal.bin_distribution(i)
+        if dist is None:
+            return None
+        value = escalate = 0.0
+        for b, w in enumerate(dist):
+            if w > 0:
+                p_b = cal.adjust_bin(i, b, p_t)
+                value += w * max(p_b, alternative)
+                escalate += w * (alternative > p_b)
+        return value, escalate
+
     def route(self, request: Request, view: RouteView) -> Decision:
         p_hat = self.estimates(view, sample=False)
         draw = self.estimates(view, sample=True)
         atp = {t: view.memory.expected_atp(view.hood, t, view.prompt_chars, request.max_tokens) for t in self.tiers}
+        price = {t: view.pacer.price(atp[t]) for t in self.tiers}
         target = self.quality_target
         if request.priority >= 0.5 and target is not None:
             target = min(1.0, target + 0.1)
         allowed = [t for t in self.tiers if target is None or p_hat[t] >= target] or [max(self.tiers, key=p_hat.get)]
-        score = {t: draw[t] - view.pacer.price(atp[t]) for t in allowed}
-        tier = max(allowed, key=lambda t: (score[t], -self.tiers.index(t)))
-        greedy = max(allowed, key=lambda t: (p_hat[t] - view.pacer.price(atp[t]), -self.tiers.index(t)))
+
+        def best(est: dict[str, float]) -> str:
+            # candidates: each allowed tier directly, and each lower tier as the first step of a
+            # cascade; the higher value wins, then the lower expected ATP
+            cands = [(est[t] - price[t], -atp[t], t) for t in allowed]
+            for t in allowed:
+                i = self.tiers.index(t)
+                if i + 1 < len(self.tiers):
+                    nxt = self.tiers[i + 1]
+                    cv = self.cascade_value(i, est[t], est[nxt] - price[nxt], view)
+                    if cv is not None:
+                        cands.append((cv[0] - price[t], -(atp[t] + cv[1] * atp[nxt]), t))
+            return max(cands)[2]
+
+        tier = best(draw)
+        greedy = best(p_hat)
         n = view.signals.novelty
         p_audit = self.config.audit_base + self.config.audit_novelty * n * n
-        top = self.tiers.index(tier) + 1 < len(self.tiers)
-        audit = bool(top and self.rng.random() < p_audit)
+        up = self.tiers.index(tier) + 1
+        audit = bool(up < len(self.tiers) and self.rng.random() < p_audit and not view.pacer.binding)
         return self._decision(request, view, tier, p_hat=p_hat, expected_atp=atp, audit=audit,
                               explored=tier != greedy)
 
@@ -185,7 +226,7 @@ class DreamroutePolicy(_Base):
         p_now = view.memory.calibration.adjust(i, call.confidence, decision.p_hat.get(call.tier, 0.5))
         gain = decision.p_hat.get(nxt, 0.5) - p_now
         cost = decision.expected_atp.get(nxt, 0.0)
-        if gain > view.pacer.price(cost) and view.pacer.allows(call.atp + cost):
+        if gain > view.pacer.price(cost):
             return nxt
         return None
 
