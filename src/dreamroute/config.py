@@ -189,7 +189,10 @@ class Settings(BaseSettings):
 
     Sources, lowest precedence first: defaults, a YAML file (``--config``),
     ``DREAMROUTE_*`` environment variables (nested with ``__``, e.g.
-    ``DREAMROUTE_ROUTER__K=10``), CLI flags.
+    ``DREAMROUTE_ROUTER__K=10``), CLI flags. ``threads`` (``DREAMROUTE_THREADS``)
+    sets llama.cpp threads for every tier that does not set ``n_threads``: on
+    a shared machine, one thread per process avoids the slowdown llama.cpp's
+    spinning threads suffer when a core is taken by another process.
     """
 
     model_config = SettingsConfigDict(env_prefix="DREAMROUTE_", env_nested_delimiter="__", extra="forbid")
@@ -198,6 +201,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=default_data_dir)
     db: Path | None = None
     model_cache: Path | None = None
+    threads: int | None = Field(None, ge=1)
 
     @field_validator("tiers")
     @classmethod

@@ -34,6 +34,9 @@ def make_backend(tier: "TierConfig", settings: "Settings", *, seed: int = 0) -> 
     """
     if tier.backend == "llama":
         from ..registry import resolve_model
+
+        if tier.n_threads is None and settings.threads:
+            tier = tier.model_copy(update={"n_threads": settings.threads})
         from .llama import LlamaBackend
 
         path = resolve_model(tier.source, settings.models_dir)
