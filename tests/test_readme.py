@@ -20,14 +20,18 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
 
     def patched(*a, **kw):
         kw.setdefault("settings", settings)
-        kw.setdefault("backends", scripted_backends({}, skill=(9, 9, 9)))
-        kw.setdefault("db", tmp_path / "readme.db")
+        prompt = ("Tom has 3 apples and buys 4 more. How many apples does he have? "
+                  "Solve step by step, then end with: The answer is N.")
+        kw.setdefault("backends", scripted_backends({prompt: ("7", 1)}, skill=(9, 9, 9)))
+        kw["db"] = tmp_path / "readme.db"
         return real(*a, **kw)
 
     monkeypatch.setattr(dreamroute, "DreamRoute", patched)
+    monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(blocks[0], str(README), "exec"), scope)
     with real(settings, db=tmp_path / "readme.db", backends=scripted_backends({})) as dr:
         rows = dr.trust()
         assert len(rows) == 1 and rows[0]["n"] == 1
+        assert rows[0]["trust"] > 0.5  # skill 9 tiers answer "The answer is 7": judged a success
         assert dr.store.verify_ledger().ok

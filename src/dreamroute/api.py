@@ -15,7 +15,7 @@ from .atp import TierCost, cost_from_calibration, estimated_cost
 from .backends import make_backend
 from .backends.base import Backend
 from .config import Settings, load_settings
-from .errors import DreamrouteError
+from .errors import ConfigError, DreamrouteError
 from .router.engine import Engine, feedback_update
 from .router.memory import BudgetPacer, Memory
 from .router.policies import make_policy
@@ -74,6 +74,10 @@ class DreamRoute:
         self.seed = seed
         self.budget = budget
         tiers = self.settings.tier_names
+        if budget is not None and not budget >= 0:
+            raise ConfigError(f"budget must be >= 0 J per request (or None for no budget), got {budget}")
+        if seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {seed}")
         self.policy = make_policy(policy, tiers, self.settings.router, seed=seed)  # validate before loading
         self._own_store = store is None
         self.store = store or Store(db or self.settings.db_path)
@@ -112,7 +116,7 @@ class DreamRoute:
         """Report how a response turned out: ``"success"``, ``"failure"`` or a rating in [0, 1].
 
         Updates trust and appends a ledger entry witnessed by ``witness``.
-        Raises ValueError for an unknown request id or outcome.
+        Raises RequestError (a ValueError) for an unknown request id or outcome.
         """
         return feedback_update(self.engine, request_id, outcome, witness)
 

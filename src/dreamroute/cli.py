@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .config import Settings, load_settings
-from .errors import DreamrouteError
+from .errors import DreamrouteError, StoreError
 
 app = typer.Typer(help="Route each request to the cheapest local model that can be trusted with it.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -48,6 +48,14 @@ def _settings(config: Optional[Path], db: Optional[Path]) -> Settings:
     return load_settings(config, db=db)
 
 
+def _existing_store(settings: Settings):
+    """Open the store for a read-only command; a store that does not exist is an error, not created."""
+    from .store.store import Store
+    if not settings.db_path.exists():
+        raise StoreError(f"no store at {settings.db_path}; check --db (run or demo create one)")
+    return Store(settings.db_path)
+
+
 def _run_and_report(settings: Settings, spec: str, *, policy, budget, seed, limit, fresh, db, json_path,
                     title: str, max_tokens: int = 320) -> dict:
     from .eval.report import print_report
@@ -55,7 +63,7 @@ def _run_and_report(settings: Settings, spec: str, *, policy, budget, seed, limi
     res = run_workload(settings, spec, policy=policy, budget=budget, seed=seed, limit=limit, fresh=fresh,
                        db=db, console=console, max_tokens=max_tokens)
     if res.skipped:
-        console.print(f"resumed run {res.run_id}: {res.skipped} items were already graded and were skipped")
+        console.print(f"resumed run {res.run_id}: {res.skipped} item(s) already graded were skipped")
     print_report(res.summary, settings.tier_names, console, title=title)
     if json_path:
         write_json(json_path, res.summary)
@@ -70,11 +78,11 @@ def _run_and_report(settings: Settings, spec: str, *, policy, budget, seed, limi
 def run(workload: str = typer.Argument(..., help="GSM8K JSONL, generic JSONL (prompt, answer, grader) or builtin:arithmetic"),
         limit: Optional[int] = typer.Option(None, help="Only the first N items."),
         policy: str = typer.Option("dreamroute", help="dreamroute | always:TIER | random[:P] | cascade[:T]"),
-        budget: Optional[float] = typer.Option(None, help="Average ATP per request the run may spend, J."),
-        seed: int = typer.Option(0, help="Seed of every random choice."),
+        budget: Optional[float] = typer.Option(None, min=0, help="Average ATP per request the run may spend, J."),
+        seed: int = typer.Option(0, min=0, help="Seed of every random choice."),
         fresh: bool = typer.Option(False, "--fresh", help="Start a new attempt instead of resuming."),
         json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
-        max_tokens: int = typer.Option(320, help="Generation limit per call."),
+        max_tokens: int = typer.Option(320, min=1, help="Generation limit per call."),
         config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
     """Route a workload live, grade each answer, learn online, and report. Resumable."""
     settings = _settings(config, db)
@@ -84,8 +92,8 @@ def run(workload: str = typer.Argument(..., help="GSM8K JSONL, generic JSONL (pr
 
 @app.command()
 @_errors
-def demo(n: int = typer.Option(30, help="Generated problems to route (levels 1-5 interleaved)."),
-         budget: Optional[float] = typer.Option(50.0, help="Average ATP per request, J."),
+def demo(n: int = typer.Option(20, min=1, help="Generated problems to route (levels 1-5 interleaved)."),
+         budget: Optional[float] = typer.Option(90.0, min=0, help="Average ATP per request, J."),
          seed: int = typer.Option(0), json_path: Optional[Path] = typer.Option(None, "--json"),
          config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
     """The main job on the default hierarchy: route generated arithmetic word problems and show the trust learned.
@@ -205,11 +213,13 @@ def trust(json_out: bool = typer.Option(False, "--json", help="Print JSON instea
     from .eval.report import print_trust
     from .store.store import Store
     settings = _settings(config, db)
-    with Store(settings.db_path) as store:
+    with _existing_store(settings) as store:
         rows = [dict(tier=r.tier, model=r.model, context=r.context, trust=r.mean, alpha=r.alpha, beta=r.beta,
                      n=r.count) for r in store.trust_table()]
     if json_out:
         print(json.dumps(rows, indent=2))
+    elif not rows:
+        console.print(f"no trust recorded yet in {settings.db_path}; `dreamroute run` or `demo --db` records some")
     else:
         print_trust(rows, console)
 
@@ -220,7 +230,7 @@ def ledger_verify(config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt
     """Re-walk the hash chain; exit 1 and name each problem if any entry was edited or removed."""
     from .store.store import Store
     settings = _settings(config, db)
-    with Store(settings.db_path) as store:
+    with _existing_store(settings) as store:
         rep = store.verify_ledger()
     if rep.ok:
         console.print(f"[green]ledger ok[/]: {rep.entries} entries, chain and trust table agree")
@@ -238,7 +248,7 @@ def ledger_show(limit: int = typer.Option(20, help="Last N entries."),
     """Show the last ledger entries."""
     from .store.store import Store
     settings = _settings(config, db)
-    with Store(settings.db_path) as store:
+    with _existing_store(settings) as store:
         entries = store.ledger_entries(limit)
     t = Table(title="ledger")
     for c in ("seq", "created_at", "entity", "action", "delta", "witnesses"):

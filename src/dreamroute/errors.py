@@ -28,6 +28,10 @@ class UnknownTierError(ConfigError):
         )
 
 
+class RequestError(DreamrouteError, ValueError):
+    """A request or a reported outcome is invalid (empty prompt, unknown request id, bad rating)."""
+
+
 class ModelFileError(DreamrouteError):
     """A model's weights are missing, unreadable, or fail their sha256 check."""
 

@@ -18,7 +18,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..api import DreamRoute
 from ..config import Settings
-from ..errors import WorkloadError
+from ..errors import ConfigError, WorkloadError
+from ..router.policies import make_policy
 from ..store.store import Store
 from .report import summarize_run
 from .workloads import Item, iter_items, workload_digest
@@ -75,7 +76,16 @@ def run_workload(settings: Settings, spec: str, *, policy: str = "dreamroute", b
         ConfigError, ModelFileError, StoreError, BackendError.
     """
     console = console or Console()
+    if budget is not None and not budget >= 0:
+        raise ConfigError(f"--budget must be >= 0 J per request (omit it for no budget), got {budget}")
+    if seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {seed}")
+    if max_tokens < 1:
+        raise ConfigError(f"--max-tokens must be >= 1, got {max_tokens}")
+    make_policy(policy, settings.tier_names, settings.router, seed=seed)  # fail before anything is written
     items, error = read_items(spec, limit, seed)
+    if not items and error is None:
+        raise WorkloadError(f"workload {spec} has no items; give a file with at least one record")
     digest = workload_digest(items)
     store = Store(db or settings.db_path)
     try:
@@ -101,6 +111,10 @@ def run_workload(settings: Settings, spec: str, *, policy: str = "dreamroute", b
                         graded += 1
                         right += ans.outcomes[final].outcome == "success"
                     bar.update(task, advance=1, acc=f"{right / graded:.0%}" if graded else "-")
+                    if progress and not console.is_terminal:  # a log file gets one line per item
+                        console.print(f"[{bar.tasks[0].completed:.0f}/{len(todo)}] {it.key}: {ans.tier} "
+                                      f"({ans.decision.context}) {ans.atp:.1f} J, accuracy so far "
+                                      f"{right}/{graded}", highlight=False)
         finally:
             for b in dr.backends.values():
                 b.close()

@@ -16,7 +16,7 @@ import math
 import time
 
 from ..backends.base import Backend
-from ..errors import BackendError, UnknownTierError
+from ..errors import BackendError, RequestError, UnknownTierError
 from ..eval.graders import get_grader
 from ..signals import Signals, classify_context, drift, instability, novelty, snarc
 from ..store.store import TrustUpdate
@@ -129,7 +129,14 @@ class Engine:
                     self.memory.versions.get(tier))
 
     def answer(self, request: Request) -> Answer:
-        """Route and answer one request (no outcome is judged here)."""
+        """Route and answer one request (no outcome is judged here).
+
+        Raises RequestError for a request with no user text or max_tokens < 1.
+        """
+        if not request.prompt.strip():
+            raise RequestError("the request has no user message text; send a non-empty prompt")
+        if request.max_tokens < 1:
+            raise RequestError(f"max_tokens must be >= 1, got {request.max_tokens}")
         t0, c0 = time.perf_counter(), time.thread_time()
         self._surprise_cpu_s = 0.0
         vec = self.memory.encoder.encode(request.prompt)
@@ -253,20 +260,20 @@ def feedback_update(engine: Engine, request_id: str, outcome: str | float, witne
     ledger in one transaction, and the in-memory index.
 
     Raises:
-        ValueError: unknown request id, or an outcome that is none of the above.
+        RequestError: unknown request id, or an outcome that is none of the above.
     """
     if isinstance(outcome, str):
         if outcome not in OUTCOME_VALUE:
-            raise ValueError(f"outcome must be 'success', 'failure' or a rating in [0, 1], got {outcome!r}")
+            raise RequestError(f"outcome must be 'success', 'failure' or a rating in [0, 1], got {outcome!r}")
         reward, label = OUTCOME_VALUE[outcome], outcome
     else:
         reward = float(outcome)
         if not 0.0 <= reward <= 1.0 or math.isnan(reward):
-            raise ValueError(f"a rating must be in [0, 1], got {outcome!r}")
+            raise RequestError(f"a rating must be in [0, 1], got {outcome!r}")
         label = "success" if reward >= 0.5 else "failure"
     rows = [r for r in engine.store.experiences_for_request(request_id) if r["role"] != "audit"]
     if not rows:
-        raise ValueError(f"no stored response has request id {request_id!r}; pass the id returned with the answer")
+        raise RequestError(f"no stored response has request id {request_id!r}; pass the id returned with the answer")
     row = rows[-1]
     vid, ctx = row["model_version_id"], row["context"]
     before, after = engine.memory.trust.observe(vid, ctx, reward)

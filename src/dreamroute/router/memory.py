@@ -15,6 +15,7 @@ import scipy.sparse as sp
 
 from ..atp import TierCost
 from ..config import RouterConfig
+from ..errors import ConfigError
 from ..signals import ExperienceIndex, FeatureEncoder, SurpriseStats
 from ..trust import TrustBook, TrustState
 
@@ -117,8 +118,8 @@ class BudgetPacer:
     LAMBDA_MAX = 1e4
 
     def __init__(self, budget: float | None, rate: float, lam0: float = 1.0, horizon: int = 50):
-        if budget is not None and budget < 0:
-            raise ValueError(f"budget must be >= 0 J per request, got {budget}")
+        if budget is not None and not budget >= 0:
+            raise ConfigError(f"budget must be >= 0 J per request (or omitted for no budget), got {budget}")
         self.budget = budget
         self.rate = rate
         self.horizon = horizon
