@@ -15,6 +15,16 @@ Message = dict[str, str]
 """One chat message, ``{"role": "user" | "assistant" | "system", "content": str}``."""
 
 
+def common_prefix(a, b) -> int:
+    """Length of the longest common prefix of two token sequences (KV prefix reuse)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 @dataclass(frozen=True)
 class Generation:
     """The result of one generation call.

@@ -47,19 +47,10 @@ import numpy as np
 from ..config import TierConfig
 from ..errors import BackendError
 from ..registry import sha256_file
-from .base import Generation, Message
+from .base import Generation, Message, common_prefix
 
 SCORE_CHUNK = 64
 _MAGIC = b"DRKV1\n"
-
-
-def _prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class LlamaBackend:
@@ -288,9 +279,9 @@ class LlamaBackend:
         tokens, _ = self.prompt_tokens(messages)
         llm = self._llm
         n = len(tokens)
-        p = _prefix(self._lp_tokens, tokens)
+        p = common_prefix(self._lp_tokens, tokens)
         known = self._lp[: max(p - 1, 0)]
-        q = _prefix(llm._input_ids.tolist(), tokens)
+        q = common_prefix(llm._input_ids.tolist(), tokens)
         need_from = max(p - 1, 0)  # first position whose logits are needed
         if len(known) >= n - 1:
             if q >= n:
@@ -358,7 +349,7 @@ class LlamaBackend:
             if got == 0 or got > size:
                 raise BackendError(f"tier {self.tier.name!r}: llama.cpp could not copy the KV state")
             kv = ctypes.string_at(buf, got)
-        p = _prefix(self._lp_tokens, toks)
+        p = common_prefix(self._lp_tokens, toks)
         lp = self._lp[: max(p - 1, 0)] if p else []
         head = json.dumps({"identity": self.identity, "n_tokens": len(toks),
                            "n_lp": len(lp), "kv_bytes": len(kv)}).encode()

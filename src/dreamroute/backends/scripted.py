@@ -11,7 +11,7 @@ import json
 from typing import Callable, Sequence, Union
 
 from ..errors import BackendError
-from .base import Generation, Message
+from .base import Generation, Message, common_prefix
 
 Script = Union[Callable[[list[Message]], str], dict[str, str], Sequence[str]]
 LogprobRule = Union[float, Callable[[str, int], float]]
@@ -38,15 +38,6 @@ def rule_logprob(token: str, seen: bool) -> float:
     """The fixed score rule: ``-0.5`` for a token already seen earlier in the
     prompt, else ``-(1 + 0.1 * min(len(token), 20))`` (natural log)."""
     return -0.5 if seen else -(1.0 + 0.1 * min(len(token), 20))
-
-
-def _prefix(a: Sequence, b: Sequence) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class ScriptedBackend:
@@ -146,7 +137,7 @@ class ScriptedBackend:
         finish = "stop"
         if max_tokens is not None and 0 < max_tokens < len(words):
             words, finish = words[:max_tokens], "length"
-        cached = _prefix(self._history, prompt)
+        cached = common_prefix(self._history, prompt)
         lps = [self._token_logprob(w, i) for i, w in enumerate(words)]
         self._history = prompt + words
         return Generation(
