@@ -92,7 +92,7 @@ def run(workload: str = typer.Argument(..., help="GSM8K JSONL, generic JSONL (pr
 
 @app.command()
 @_errors
-def demo(n: int = typer.Option(20, min=1, help="Generated problems to route (levels 1-5 interleaved)."),
+def demo(n: int = typer.Option(40, min=1, help="Generated problems to route (levels 1-5 interleaved)."),
          budget: Optional[float] = typer.Option(90.0, min=0, help="Average ATP per request, J."),
          seed: int = typer.Option(0), json_path: Optional[Path] = typer.Option(None, "--json"),
          config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
