@@ -29,7 +29,7 @@ step "upgrade pip"
 
 # DREAM (LoRA distillation) will later need the CPU build of torch, installed
 # before transformers and peft or pip fetches a CUDA build of several GB:
-#   "${PIP[@]}" install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+#   "${PIP[@]}" install torch==2.13.0   (the CPU wheel lies on this machine's disk; pip finds it)
 
 step "install dreamroute with the llama and dev extras (llama-cpp-python builds from source, ~5 min)"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}"
