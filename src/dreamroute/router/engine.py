@@ -11,7 +11,6 @@ witness afterwards.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 
@@ -28,10 +27,6 @@ from .types import Answer, Call, Outcome, Request
 def normalise_prompt(text: str) -> str:
     """Casefolded, whitespace-collapsed prompt (the exact-repeat key)."""
     return " ".join(text.casefold().split())
-
-
-def prompt_hash(text: str) -> str:
-    return hashlib.sha256(normalise_prompt(text).encode()).hexdigest()
 
 
 def confidence(call_text: str, mean_logprob: float | None, grader_name: str | None) -> float | None:
@@ -195,7 +190,7 @@ class Engine:
             exps.append(dict(
                 request_id=req.request_id, run_id=self.run_id, item_key=req.item_key, role=c.role,
                 conversation_id=req.conversation_id, turn=req.turn, prompt=req.prompt,
-                prompt_hash=prompt_hash(req.prompt), tier=c.tier, model_version_id=c.model_version_id,
+                tier=c.tier, model_version_id=c.model_version_id,
                 response=c.text, prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens,
                 cached_tokens=g.cached_tokens, prefill_s=g.prefill_s, decode_s=g.decode_s, latency_s=g.seconds,
                 atp_joules=c.atp + (answer.surprise_atp if i == 0 else 0.0), mean_logprob=g.mean_logprob,
