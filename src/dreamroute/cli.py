@@ -155,17 +155,13 @@ def simulate(recorded: Path = typer.Argument(..., help="Recorded outcomes: a col
         curves = {policy: [(p["cost_fraction"], p["accuracy"]) for p in res.get("points", [])]} if sweep else {}
         singles = {t: (v["cost_fraction"], v["accuracy"]) for t, v in res["singles"].items()}
         if not sweep:
-            singles[policy] = (res["atp_joules"] / max(1e-12, _top_atp(res)), res["accuracy"])
+            singles[policy] = (res["atp_joules"] / max(1e-12, res["top_atp_joules"]), res["accuracy"])
         plot_cost_quality(plot, curves, singles, (res["oracle"]["cost_fraction"], res["oracle"]["accuracy"]),
                           f"{policy} on {res['recording']}")
         console.print(f"wrote {plot}")
     if json_path:
         write_json(json_path, res)
         console.print(f"wrote {json_path}")
-
-
-def _top_atp(res: dict) -> float:
-    return res["top_atp_joules"]
 
 
 @app.command()

@@ -213,6 +213,18 @@ def _fail(path: Path, where: str, what: str, fix: str) -> NoReturn:
     raise WorkloadError(f"{path}:{where}: {what}; {fix}.")
 
 
+def _json_lines(fh, path: Path, fix: str):
+    """(line number, decoded record) for each non-blank line of an open JSONL file;
+    a line that is not JSON raises WorkloadError naming it, with ``fix``."""
+    for lineno, line in enumerate(fh, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as exc:
+            _fail(path, str(lineno), f"not valid JSON ({exc.msg} at column {exc.colno})", fix)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -270,14 +282,7 @@ def _detect_kind(path: Path) -> str:
     if path.suffix == ".jsonl":
         try:
             with path.open("r", encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        _fail(path, str(lineno), f"not valid JSON ({exc.msg} at column {exc.colno})",
-                              "write one JSON object per line")
+                for _lineno, rec in _json_lines(fh, path, "write one JSON object per line"):
                     if isinstance(rec, dict) and "tier" in rec and "correct" in rec:
                         return "outcomes"
                     break
@@ -391,15 +396,9 @@ def _load_outcomes(files: list[Path]) -> tuple[list[str], list[RecordedItem], di
         except OSError as exc:
             raise WorkloadError(f"cannot read recorded outcomes {str(path)!r}: {exc}.") from exc
         with fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    _fail(path, str(lineno), f"not valid JSON ({exc.msg} at column {exc.colno})",
-                          "write one JSON object per line (a line cut short by a kill is repaired by "
-                          "rerunning `dreamroute collect` with the same --out)")
+            for lineno, rec in _json_lines(fh, path, "write one JSON object per line (a line cut short by a "
+                                                     "kill is repaired by rerunning `dreamroute collect` "
+                                                     "with the same --out)"):
                 key, prompt, gold, grader, call = _outcome_line(path, lineno, rec)
                 where = f"{path.name}:{lineno}"
                 g = groups.get(key)
@@ -461,14 +460,7 @@ def _contaminated(directory: Path) -> set[str]:
         return set()
     out: set[str] = set()
     with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                _fail(path, str(lineno), f"not valid JSON ({exc.msg} at column {exc.colno})",
-                      "write one JSON object per line with an 'eval_prompt' string")
+        for lineno, rec in _json_lines(fh, path, "write one JSON object per line with an 'eval_prompt' string"):
             if not isinstance(rec, dict) or not isinstance(rec.get("eval_prompt"), str):
                 _fail(path, str(lineno), "no 'eval_prompt' string",
                       "each line needs {\"eval_prompt\": str} (the contaminated prompt, as in the CSV)")

@@ -178,10 +178,10 @@ class Engine:
     def learn(self, answer: Answer, outcomes: list[Outcome]) -> list[int]:
         """Write experiences, trust updates and ledger entries (one transaction), then update memory."""
         req, dec = answer.request, answer.decision
-        answered = [c for c in answer.calls]
+        calls = answer.calls
         conflict = 0.0
-        if len(answered) >= 2:
-            conflict = 0.0 if all(_same_answer(answered[0], c) for c in answered[1:]) else 1.0
+        if len(calls) >= 2:
+            conflict = 0.0 if all(_same_answer(calls[0], c) for c in calls[1:]) else 1.0
         exps, updates, pending = [], [], []
         for i, (c, o) in enumerate(zip(answer.calls, outcomes)):
             sn = snarc(dec.signals.surprise_z, dec.signals.novelty, req.priority, o.reward, conflict,

@@ -116,6 +116,7 @@ class Answer:
     decision: Decision
     calls: list[Call]
     surprise_atp: float = 0.0
+    outcomes: list["Outcome"] | None = None  # set once judged (DreamRoute.complete)
 
     @property
     def final(self) -> Call:
