@@ -242,7 +242,7 @@ def test_llama_logprobs_match_full_logits(llama_backend):
 
     msgs = [{"role": "user", "content": "Explain why the sky is blue. " * 12}]
     scores = llama_backend.score(msgs)
-    tokens, _ = llama_backend.prompt_tokens(msgs)
+    tokens = llama_backend.prompt_tokens(msgs)
     g = llama_backend.generate(msgs, max_tokens=12)
     ref = Llama(str(llama_backend.model_path), n_ctx=1024, logits_all=True, verbose=False, n_threads=2)
     try:

@@ -40,7 +40,7 @@ def make_view(mem: Memory, *, novelty: float = 0.0, context: str = "stable", pac
               prompt: str = PROMPT) -> RouteView:
     hood = mem.neighbourhood(mem.encoder.encode(prompt))
     signals = Signals(novelty=novelty, drift=0.0, instability=0.0, surprise=None, surprise_z=None, context=context)
-    return RouteView(signals, hood, mem, pacer or BudgetPacer(None, 0.05), len(prompt))
+    return RouteView(signals, hood, mem, pacer or BudgetPacer(None, 0.05), len(prompt), prompt)
 
 
 def high_lambda_pacer(lam: float = 100.0) -> BudgetPacer:

@@ -53,7 +53,7 @@ def test_migrations_are_numbered_from_one():
 def test_fresh_database_matches_schema(tmp_path):
     path = tmp_path / "sub" / "dir" / "store.db"          # parent directories are created
     with Store(path) as s:
-        assert s.path == path and s.applied_migrations == [1, 2]
+        assert s.path == path and s.applied_migrations == [v for v, _, _ in MIGRATIONS]
         insp = inspect(s._engine)
         expected = {t.name: {c.name for c in t.columns} for t in T.metadata.sorted_tables}
         got = {name: {c["name"] for c in insp.get_columns(name)} for name in insp.get_table_names()}
@@ -86,6 +86,7 @@ def test_upgrade_from_oldest_schema_keeps_rows(tmp_path):
         chain.append((seq, now, entity, action, canonical_json(delta), canonical_json(witnesses), prev, h))
         prev = h
     row = T.experience_row(exp(model_version_id=1), "req-1", now)
+    row.pop("surprise_tier")                   # added by migration 3
     con = sqlite3.connect(path)
     with con:
         con.execute("INSERT INTO model_versions (id, tier, identity, name, status, created_at) "
@@ -100,8 +101,11 @@ def test_upgrade_from_oldest_schema_keeps_rows(tmp_path):
     assert sqlite_rows(path, "SELECT COUNT(*) FROM sqlite_master WHERE name = 'ix_experiences_tier'") == [(0,)]
 
     with Store(path) as s:
-        assert s.applied_migrations == [2]
+        assert s.applied_migrations == [2, 3]
         assert s.count_experiences() == 1
+        assert s.experiences()[0]["surprise_tier"] is None
+        assert s.record_background("prefill", "sensory", 100, 2.5, 0.4, model_version_id=1) == 1
+        assert s.background_atp() == 2.5
         assert s.experiences()[0]["prompt"] == "What is 2 + 2?"
         assert s.get_trust(1, "novel").alpha == 2.0
         assert s.active_versions()["sensory"].identity == "sha256:aa"

@@ -14,6 +14,8 @@ from pathlib import Path
 from .atp import TierCost, cost_from_calibration, estimated_cost
 from .backends import make_backend
 from .backends.base import Backend
+from .cache.reality import RealityCache
+from .cache.reuse import ConversationKV
 from .config import Settings, load_settings
 from .errors import ConfigError, DreamrouteError
 from .router.engine import Engine, feedback_update
@@ -94,7 +96,10 @@ class DreamRoute:
         self.memory.load(self.store, versions)
         self.pacer = BudgetPacer(budget, self.settings.router.lambda_rate, self.settings.router.lambda_init,
                                  self.settings.router.pacing_horizon)
-        self.engine = Engine(tiers, backends, self.store, self.memory, self.policy, self.pacer, run_id)
+        cc = self.settings.cache
+        self.kv = ConversationKV(RealityCache(self.settings.kv_dir, cc.max_bytes)) if cc.enabled else None
+        self.engine = Engine(tiers, backends, self.store, self.memory, self.policy, self.pacer, run_id,
+                             kv=self.kv, handoff=cc.handoff)
 
     def complete(self, prompt: str | list[dict], *, gold: str | None = None, grader: str | None = None,
                  conversation_id: str | None = None, priority: float = 0.0, max_tokens: int = 320,
@@ -119,6 +124,10 @@ class DreamRoute:
         Raises RequestError (a ValueError) for an unknown request id or outcome.
         """
         return feedback_update(self.engine, request_id, outcome, witness)
+
+    def idle(self, max_jobs: int = 1) -> int:
+        """Use idle time: run up to ``max_jobs`` queued warm-handoff prefills (see ``Engine.idle``)."""
+        return self.engine.idle(max_jobs)
 
     def trust(self) -> list[dict]:
         """Trust per model version × context: ``{tier, model, context, trust, alpha, beta, n}``."""

@@ -184,6 +184,24 @@ def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("dreamroute", appauthor=False))
 
 
+class CacheConfig(BaseModel):
+    """The reality cache: conversation KV states on disk (see ``dreamroute.cache``).
+
+    Attributes:
+        enabled: keep and restore conversation KV states (``--no-cache`` turns it off).
+        dir: where the states live (default ``<data_dir>/kv``).
+        max_bytes: byte budget on disk; least recently used states are evicted beyond it.
+        handoff: after a surprising turn, prefill the next tier up with the conversation
+            while idle ("warm handoff"), so an escalation pays only for new tokens.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    dir: Path | None = None
+    max_bytes: int = Field(2 * 1024**3, ge=0)
+    handoff: bool = True
+
+
 class Settings(BaseSettings):
     """Everything dreamroute is configured with.
 
@@ -202,6 +220,7 @@ class Settings(BaseSettings):
     db: Path | None = None
     model_cache: Path | None = None
     threads: int | None = Field(None, ge=1)
+    cache: CacheConfig = Field(default_factory=lambda: CacheConfig())
 
     @field_validator("tiers")
     @classmethod
@@ -223,6 +242,11 @@ class Settings(BaseSettings):
     def models_dir(self) -> Path:
         """Where assembled GGUF files are cached."""
         return self.model_cache or self.data_dir / "models"
+
+    @property
+    def kv_dir(self) -> Path:
+        """Where the reality cache keeps conversation KV states."""
+        return self.cache.dir or self.data_dir / "kv"
 
     @property
     def tier_names(self) -> list[str]:

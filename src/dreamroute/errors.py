@@ -50,3 +50,10 @@ class StoreError(DreamrouteError):
 
 class LedgerError(StoreError):
     """The ledger's hash chain does not verify."""
+
+
+class CacheError(DreamrouteError):
+    """A reality-cache state cannot be read or written (damaged file, another model, full disk).
+
+    The request it served is still answered: a cache error only costs the prefill it would have saved.
+    """

@@ -91,9 +91,25 @@ class Backend(Protocol):
         """Answer a chat. Raises :class:`~dreamroute.errors.BackendError` on failure."""
         ...
 
-    def score(self, messages: list[Message]) -> list[float]:
+    def score(self, messages: list[Message], *, new_only: bool = False) -> list[float]:
         """Natural-log probability of each prompt token after the first, under the
-        model's chat template (length ``prompt_tokens - 1``). Used for surprise."""
+        model's chat template (length ``prompt_tokens - 1``); with ``new_only``, only
+        of the tokens after the prefix the backend's KV state already holds (a new
+        turn). Used for surprise."""
+        ...
+
+    def prompt_tokens(self, messages: list[Message]) -> list:
+        """The prompt's tokens under the chat template (what generate() evaluates).
+        Raises BackendError where there is no token-level access."""
+        ...
+
+    def held_tokens(self) -> list:
+        """The tokens the KV state holds now ([] when none)."""
+        ...
+
+    def state_tokens(self, state: bytes) -> list:
+        """The tokens a :meth:`save_state` result holds, without loading it. Raises
+        BackendError for a damaged state or one made by another model."""
         ...
 
     def save_state(self) -> bytes:

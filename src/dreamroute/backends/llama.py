@@ -156,7 +156,7 @@ class LlamaBackend:
 
     # ------------------------------------------------------------------ prompt
 
-    def prompt_tokens(self, messages: list[Message]) -> tuple[list[int], list[str]]:
+    def prompt_and_stops(self, messages: list[Message]) -> tuple[list[int], list[str]]:
         """Token ids of the chat-templated prompt and the template's stop strings.
 
         Raises:
@@ -177,6 +177,10 @@ class LlamaBackend:
                 f"{self.tier.name} ... n_ctx: {2 * llm.n_ctx()}) or shorten the prompt")
         stop = res.stop if isinstance(res.stop, list) else [res.stop] if res.stop else []
         return tokens, [s for s in stop if s]
+
+    def prompt_tokens(self, messages: list[Message]) -> list[int]:
+        """Token ids of the chat-templated prompt (see :meth:`prompt_and_stops`)."""
+        return self.prompt_and_stops(messages)[0]
 
     def _logprob_last(self, token: int) -> float:
         """log-softmax of the last-position logits at ``token`` (natural log)."""
@@ -204,7 +208,7 @@ class LlamaBackend:
         """
         import llama_cpp
         t0 = time.perf_counter()
-        tokens, stops = self.prompt_tokens(messages)
+        tokens, stops = self.prompt_and_stops(messages)
         llm = self._llm
         n_ctx = llm.n_ctx()
         if max_tokens is None or max_tokens <= 0 or max_tokens + len(tokens) >= n_ctx:
@@ -265,25 +269,39 @@ class LlamaBackend:
 
     # ------------------------------------------------------------------ score
 
-    def score(self, messages: list[Message]) -> list[float]:
+    def score(self, messages: list[Message], *, new_only: bool = False) -> list[float]:
         """Natural-log probability of each prompt token given those before it.
+
+        Args:
+            new_only: score only the tokens the KV cache does not hold yet (a new
+                conversation turn after a restore), evaluating them once: the
+                surprise of the turn, computed while it is prefilled.
 
         Returns:
             ``prompt_tokens - 1`` floats (all ``<= 0``) for the chat-templated prompt
-            (generation prompt included), i.e. exactly the tokens generate() evaluates.
+            (generation prompt included), i.e. exactly the tokens generate() evaluates;
+            with ``new_only``, the last ``m`` of them, where ``m`` is the number of
+            prompt tokens after the prefix the KV cache held (the first token has no
+            log-probability, so at most ``prompt_tokens - 1``; ``[]`` when all are held).
 
         Raises:
             BackendError: prompt too long for ``n_ctx``, or llama.cpp failed.
         """
         import llama_cpp
-        tokens, _ = self.prompt_tokens(messages)
+        tokens, _ = self.prompt_and_stops(messages)
         llm = self._llm
         n = len(tokens)
         p = common_prefix(self._lp_tokens, tokens)
         known = self._lp[: max(p - 1, 0)]
         q = common_prefix(llm._input_ids.tolist(), tokens)
         need_from = max(p - 1, 0)  # first position whose logits are needed
-        if len(known) >= n - 1:
+        if new_only:
+            if q >= n:
+                return []
+            # token j's log-probability comes from the logits at position j − 1: re-evaluate one held token
+            need_from = start = max(q - 1, 0)
+            known = known[:need_from] if len(known) >= need_from else None
+        elif len(known) >= n - 1:
             if q >= n:
                 return known[: n - 1]
             start = q
@@ -298,7 +316,7 @@ class LlamaBackend:
             chunk = max(1, min(SCORE_CHUNK, llm.n_batch))
             for i in range(start, n, chunk):
                 piece = tokens[i: i + chunk]
-                want = len(known) < n - 1 and i + len(piece) - 1 >= need_from
+                want = (new_only or len(known) < n - 1) and i + len(piece) - 1 >= need_from
                 llm._batch.set_batch(batch=piece, n_past=i, logits_all=want)
                 llm._ctx.decode(llm._batch)
                 llm.input_ids[i: i + len(piece)] = piece
@@ -320,6 +338,10 @@ class LlamaBackend:
         except Exception as e:
             self.reset()
             raise self._err("scoring failed", e) from e
+        if new_only:
+            if known is not None:  # the scores of earlier tokens are still valid: keep them all
+                self._lp_tokens, self._lp = list(tokens), known + new
+            return new
         out = known + new if len(known) < n - 1 else known[: n - 1]
         self._lp_tokens, self._lp = list(tokens), out
         return out
@@ -357,20 +379,18 @@ class LlamaBackend:
                 + array("d", lp).tobytes() + kv)
         return body + hashlib.sha256(body).digest()
 
-    def load_state(self, state: bytes) -> None:
-        """Restore a :meth:`save_state` result into the KV cache.
+    def _parse_state(self, state: bytes, verify: bool = True) -> tuple[list[int], list[float], bytes]:
+        """(token ids, known log-probabilities, llama.cpp sequence state) of a saved state.
 
-        Raises:
-            BackendError: the bytes are truncated or damaged, were saved by another
-                model (identity differs), do not fit ``n_ctx``, or llama.cpp rejects them.
+        Raises BackendError for truncated or damaged bytes (checksum, with ``verify``)
+        or a state saved by another model.
         """
-        import llama_cpp
         name = self.tier.name
         data = bytes(state)
         if len(data) < len(_MAGIC) + 4 + 32 or not data.startswith(_MAGIC):
             raise BackendError(f"tier {name!r}: not a dreamroute llama state (truncated or damaged)")
         body, digest = data[:-32], data[-32:]
-        if hashlib.sha256(body).digest() != digest:
+        if verify and hashlib.sha256(body).digest() != digest:
             raise BackendError(f"tier {name!r}: the saved state is truncated or damaged (checksum)")
         off = len(_MAGIC)
         (hlen,) = struct.unpack_from("<I", body, off)
@@ -387,7 +407,28 @@ class LlamaBackend:
             raise BackendError(f"tier {name!r}: the saved state is truncated or damaged (length)")
         toks = array("i", body[off: off + 4 * n]).tolist()
         lp = array("d", body[off + 4 * n: off + 4 * n + 8 * n_lp]).tolist()
-        kv = body[off + 4 * n + 8 * n_lp:]
+        return toks, lp, body[off + 4 * n + 8 * n_lp:]
+
+    def state_tokens(self, state: bytes) -> list[int]:
+        """The token ids a saved state holds (header check only; :meth:`load_state` verifies
+        the checksum). Raises BackendError like :meth:`load_state`."""
+        return self._parse_state(state, verify=False)[0]
+
+    def held_tokens(self) -> list[int]:
+        """The token ids the KV cache holds now ([] before loading)."""
+        return self._llm._input_ids.tolist() if self._llm is not None else []
+
+    def load_state(self, state: bytes) -> None:
+        """Restore a :meth:`save_state` result into the KV cache.
+
+        Raises:
+            BackendError: the bytes are truncated or damaged, were saved by another
+                model (identity differs), do not fit ``n_ctx``, or llama.cpp rejects them.
+        """
+        import llama_cpp
+        name = self.tier.name
+        toks, lp, kv = self._parse_state(state)
+        n = len(toks)
         llm = self._model()
         if n >= llm.n_ctx():
             raise BackendError(f"tier {name!r}: the state holds {n} tokens, more than n_ctx "

@@ -254,8 +254,11 @@ class OpenAIBackend:
             pass
         return "\n\n".join(m.get("content") or "" for m in messages)
 
-    def score(self, messages: list[Message]) -> list[float]:
+    def score(self, messages: list[Message], *, new_only: bool = False) -> list[float]:
         """Natural-log probability of each prompt token after the first (see the class docstring).
+
+        ``new_only`` is accepted for the protocol and ignored: what a remote server's cache
+        holds is not visible here, so every prompt token is scored.
 
         Raises:
             BackendError: the server does not return prompt logprobs, or cannot be reached.
@@ -290,6 +293,18 @@ class OpenAIBackend:
         return [min(0.0, float(v)) for v in values]
 
     # ------------------------------------------------------------------ state
+
+    def prompt_tokens(self, messages: list[Message]) -> list:
+        """Always raises BackendError: no token-level access (no KV state to reuse)."""
+        raise BackendError(f"tier {self.tier.name!r}: a remote server has no token-level KV state")
+
+    def held_tokens(self) -> list:
+        """Always []: no KV state is held here."""
+        return []
+
+    def state_tokens(self, state: bytes) -> list:
+        """Always raises BackendError: no KV state."""
+        raise BackendError(f"tier {self.tier.name!r}: a remote server has no token-level KV state")
 
     def save_state(self) -> bytes:
         """Always raises BackendError: a remote server keeps its own cache."""

@@ -165,9 +165,21 @@ class ReplayBackend:
                           prefill_s=0.0, decode_s=float(rc.seconds or 0.0), finish_reason=finish,
                           cached_tokens=0, model=self.identity, extra=extra)
 
-    def score(self, messages: list[Message]) -> list[float]:
+    def score(self, messages: list[Message], *, new_only: bool = False) -> list[float]:
         """Always raises: a recorded source has no prompt logprobs (surprise is missing)."""
         raise BackendError("recorded source has no prompt logprobs")
+
+    def prompt_tokens(self, messages: list[Message]) -> list:
+        """Always raises BackendError: no token-level access (no KV state to reuse)."""
+        raise BackendError(f"replay tier {self.tier!r}: a recorded source has no token-level KV state")
+
+    def held_tokens(self) -> list:
+        """Always []: no KV state is held here."""
+        return []
+
+    def state_tokens(self, state: bytes) -> list:
+        """Always raises BackendError: no KV state."""
+        raise BackendError(f"replay tier {self.tier!r}: a recorded source has no token-level KV state")
 
     def save_state(self) -> bytes:
         """Always raises: a recorded source has no KV state."""

@@ -146,19 +146,33 @@ class ScriptedBackend:
             decode_s=len(words) * self.decode_s_per_token, finish_reason=finish,
             cached_tokens=cached, model=self.identity)
 
-    def score(self, messages: list[Message]) -> list[float]:
+    def score(self, messages: list[Message], *, new_only: bool = False) -> list[float]:
         """Per-token log-probabilities of the prompt after its first token, by
-        :func:`rule_logprob` (length ``prompt_tokens - 1``). Leaves the prompt held,
-        so a following generate() of the same messages has it all cached."""
+        :func:`rule_logprob` (length ``prompt_tokens - 1``; with ``new_only`` only the
+        tokens after the prefix already held). Leaves the prompt held, so a following
+        generate() of the same messages has it all cached."""
         prompt = prompt_tokens(messages)
+        held = common_prefix(self._history, prompt)
         seen: set[str] = set()
         out: list[float] = []
         for i, tok in enumerate(prompt):
-            if i > 0:
+            if i > 0 and (not new_only or i >= held):
                 out.append(rule_logprob(tok, tok in seen))
             seen.add(tok)
         self._history = list(prompt)
         return out
+
+    def prompt_tokens(self, messages: list[Message]) -> list[str]:
+        """The prompt as this backend tokenizes it (:func:`prompt_tokens`)."""
+        return prompt_tokens(messages)
+
+    def held_tokens(self) -> list[str]:
+        """The tokens held now (the previous call's prompt and answer, or a restored state)."""
+        return list(self._history)
+
+    def state_tokens(self, state: bytes) -> list[str]:
+        """The tokens a :meth:`save_state` result holds. Raises BackendError like :meth:`load_state`."""
+        return self._parse(state)
 
     def save_state(self) -> bytes:
         """The held tokens as checksummed JSON bytes, tagged with the identity."""
@@ -171,6 +185,9 @@ class ScriptedBackend:
         Raises:
             BackendError: truncated or damaged bytes, or another identity.
         """
+        self._history = self._parse(state)
+
+    def _parse(self, state: bytes) -> list[str]:
         data = bytes(state)
         body, digest = data[:-32], data[-32:]
         if (len(data) < len(_MAGIC) + 32 or not body.startswith(_MAGIC)
@@ -180,4 +197,4 @@ class ScriptedBackend:
         if rec.get("identity") != self.identity:
             raise BackendError(f"scripted backend {self.identity!r}: the state was saved by "
                                f"{rec.get('identity')!r}; it cannot be restored here")
-        self._history = [str(t) for t in rec.get("tokens", [])]
+        return [str(t) for t in rec.get("tokens", [])]

@@ -53,7 +53,8 @@ def replay_settings(settings: Settings, rs: RecordedSet) -> Settings:
         model = next(iter(it.calls[name].model for it in rs.items[:1]), name)
         tiers.append(known[name] if name in known else
                      TierConfig(name=name, model=model, backend="replay", params_b=1.0))
-    return settings.model_copy(update={"tiers": tiers})
+    cache = settings.cache.model_copy(update={"enabled": False})  # a recording has no KV state
+    return settings.model_copy(update={"tiers": tiers, "cache": cache})
 
 
 @dataclass

@@ -7,6 +7,14 @@
 An outcome is never visible before the policy has committed: ``answer``
 returns before anything is judged, and ``learn`` takes the gold answer or a
 witness afterwards.
+
+With a reality cache (:class:`~dreamroute.cache.reuse.ConversationKV`), each
+call of a conversation turn first restores that tier's stored KV state, and
+saves it after answering; a follow-up turn's surprise is scored under the
+tier that served the conversation, on the new tokens only, as they are
+prefilled; a surprising turn queues a warm handoff (the next tier up
+prefilled with the conversation), which :meth:`Engine.idle` runs when the
+machine has nothing else to do.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import math
 import time
 
 from ..backends.base import Backend
+from ..cache.reuse import ConversationKV, Prefill, Restore
 from ..errors import BackendError, RequestError, UnknownTierError
 from ..eval.graders import get_grader
 from ..signals import Signals, classify_context, drift, instability, novelty, snarc
@@ -57,10 +66,13 @@ class Engine:
         policy: the routing policy.
         pacer: budget pacing (shared across the run).
         run_id: the run experiences are filed under, if any.
+        kv: the reality cache glue (None: no conversation KV reuse).
+        handoff: queue warm handoffs after surprising turns (needs ``kv``).
     """
 
     def __init__(self, tiers, backends: dict[str, Backend], store, memory: Memory, policy: Policy,
-                 pacer: BudgetPacer, run_id: int | None = None):
+                 pacer: BudgetPacer, run_id: int | None = None, kv: ConversationKV | None = None,
+                 handoff: bool = True):
         self.tiers = list(tiers)
         self.backends = backends
         self.store = store
@@ -69,48 +81,64 @@ class Engine:
         self.pacer = pacer
         self.run_id = run_id
         self.config = memory.config
+        self.kv = kv
+        self.handoff = handoff
+        self._restored: dict[str, Restore] = {}
 
     # ---- deciding and calling --------------------------------------------------------
-    def _signals(self, request: Request, vec, hood) -> tuple[Signals, float, float]:
-        """Signals, the ATP of surprise scoring (J), and its model seconds."""
+    def _signals(self, request: Request, vec, hood) -> tuple[Signals, float, float, str | None]:
+        """Signals, the ATP of surprise scoring (J), its model seconds, and the tier that scored it."""
         prev = self.memory.conversations.get(request.conversation_id) if request.conversation_id else None
         n = novelty(hood.sims)
         u = instability(self.memory.index.outcome[hood.rows_all]) if len(hood.rows_all) else 0.0
         d = drift(vec, prev)
-        surprise, z, atp, secs = None, None, 0.0, 0.0
+        surprise, z, atp, secs, tier = None, None, 0.0, 0.0, None
         if getattr(self.policy, "needs_surprise", False) and self.config.surprise:
-            surprise, atp, secs = self._surprise(request)
+            surprise, atp, secs, tier = self._surprise(request)
             if surprise is not None:
-                z = self.memory.surprise[self.tiers[0]].z(surprise)
-        return Signals(n, d, u, surprise, z, classify_context(n, u, d, z, self.config)), atp, secs
+                z = self.memory.surprise[tier].z(surprise)
+        return Signals(n, d, u, surprise, z, classify_context(n, u, d, z, self.config)), atp, secs, tier
 
-    def _surprise(self, request: Request) -> tuple[float | None, float, float]:
-        """Mean NLL per prompt token under the cheapest tier, the ATP it cost (J), its seconds.
+    def _surprise(self, request: Request) -> tuple[float | None, float, float, str]:
+        """Mean NLL per token of the new prompt text, the ATP it cost (J), its seconds, the tier.
 
-        A backend that cannot score (a remote server without prompt logprobs,
-        a recorded source without them) gives None: surprise is missing, not zero.
+        A single request (or a conversation without a reality cache) is scored whole
+        under the cheapest tier. A follow-up turn with a reality cache is scored under
+        the tier that served the conversation, after restoring its KV state, on the
+        tokens not held yet (the new turn) as they are prefilled: the tier answering
+        it next reuses that prefill. A backend that cannot score (a remote server
+        without prompt logprobs, a recorded source) gives None: missing, not zero.
         """
         tier = self.tiers[0]
+        conv = request.conversation_id
+        follow_up = bool(self.kv and conv and request.turn > 0)
+        if follow_up:
+            tier = self.memory.serving.get(conv, tier)
         t0, c0 = time.perf_counter(), time.thread_time()
         try:
-            lps = self.backends[tier].score(request.messages)
+            if follow_up:
+                self._restored[tier] = self.kv.restore(tier, self.backends[tier], conv, request.messages)
+            lps = self.backends[tier].score(request.messages, new_only=follow_up)
         except BackendError:
             lps = None
         secs = time.perf_counter() - t0
         self._surprise_cpu_s = time.thread_time() - c0
-        if lps is None:
-            return None, 0.0, secs
         if not lps:
-            return None, 0.0, secs
-        atp = self.memory.costs[tier].joules(len(lps) + 1, 0)
-        return -sum(lps) / len(lps), atp, secs
+            return None, 0.0, secs, tier
+        atp = self.memory.costs[tier].joules(len(lps) + (0 if follow_up else 1), 0)
+        return -sum(lps) / len(lps), atp, secs, tier
 
     def _call(self, tier: str, role: str, request: Request) -> Call:
         try:
             backend = self.backends[tier]
         except KeyError:
             raise UnknownTierError(tier, self.tiers) from None
+        conv = request.conversation_id if self.kv is not None else None
+        if conv and tier not in self._restored:
+            self._restored[tier] = self.kv.restore(tier, backend, conv, request.messages)
         gen = backend.generate(request.messages, max_tokens=request.max_tokens)
+        if conv:
+            self.kv.save(tier, backend, conv, gen.prompt_tokens)
         cost = self.memory.costs[tier]
         if gen.prompt_tokens or gen.completion_tokens:
             atp = cost.joules(gen.prompt_tokens, gen.completion_tokens, gen.cached_tokens)
@@ -134,10 +162,12 @@ class Engine:
             raise RequestError(f"max_tokens must be >= 1, got {request.max_tokens}")
         t0, c0 = time.perf_counter(), time.thread_time()
         self._surprise_cpu_s = 0.0
+        self._restored = {}
         vec = self.memory.encoder.encode(request.prompt)
         hood = self.memory.neighbourhood(vec)
-        signals, surprise_atp, surprise_s = self._signals(request, vec, hood)
-        view = RouteView(signals, hood, self.memory, self.pacer, sum(len(m.get("content", "")) for m in request.messages))
+        signals, surprise_atp, surprise_s, surprise_tier = self._signals(request, vec, hood)
+        view = RouteView(signals, hood, self.memory, self.pacer,
+                         sum(len(m.get("content", "")) for m in request.messages), request.prompt)
         decision = self.policy.route(request, view)
         t1, c1 = time.perf_counter(), time.thread_time()
         decision.overhead_ms = ((t1 - t0) - surprise_s) * 1e3
@@ -149,7 +179,8 @@ class Engine:
         up = self.tiers.index(final.tier) + 1
         if decision.audit and up < len(self.tiers) and self.pacer.allows(sum(c.atp for c in calls)):
             calls.append(self._call(self.tiers[up], "audit", request))
-        answer = Answer(request, decision, calls, surprise_atp)
+        answer = Answer(request, decision, calls, surprise_atp, surprise_tier=surprise_tier,
+                        kv=dict(self._restored))
         answer._vec = vec  # kept for learn()
         return answer
 
@@ -196,6 +227,7 @@ class Engine:
                 atp_joules=c.atp + (answer.surprise_atp if i == 0 else 0.0), mean_logprob=g.mean_logprob,
                 confidence=c.confidence, context=dec.context, novelty=dec.signals.novelty, drift=dec.signals.drift,
                 instability=dec.signals.instability, surprise=dec.signals.surprise if i == 0 else None,
+                surprise_tier=answer.surprise_tier if i == 0 and dec.signals.surprise is not None else None,
                 snarc_s=sn.s, snarc_n=sn.n, snarc_a=sn.a, snarc_r=sn.r, snarc_c=sn.c, salience=sn.salience,
                 outcome=o.outcome, witness=o.witness, gold=o.gold, predicted=o.predicted, priority=req.priority))
             if o.reward is not None and c.model_version_id is not None:
@@ -227,11 +259,48 @@ class Engine:
             mem.tier_stats[c.tier].add(len(req.prompt), c.generation.prompt_tokens, c.atp)
             if c.role != "audit" and o.outcome in OUTCOME_VALUE:
                 mem.calibration.add(ti, c.confidence, value)
-        s = answer.decision.signals.surprise
-        if s is not None:
-            mem.surprise[self.tiers[0]].add(s)
+        mem.learn_answers(req.prompt, answer.calls, [OUTCOME_VALUE.get(o.outcome, math.nan) for o in outcomes])
+        sig = answer.decision.signals
+        if sig.surprise is not None:
+            mem.surprise[answer.surprise_tier or self.tiers[0]].add(sig.surprise)
         if req.conversation_id:
             mem.conversations[req.conversation_id] = vec
+            mem.serving[req.conversation_id] = answer.tier
+            self._queue_handoff(answer)
+
+    # ---- warm handoff ----------------------------------------------------------------
+    def _queue_handoff(self, answer: Answer) -> None:
+        """After a surprising turn, queue a prefill of the tier above the one that answered."""
+        z = answer.decision.signals.surprise_z
+        if not (self.kv and self.handoff) or z is None or z < self.config.tau_surprise:
+            return
+        up = self.tiers.index(answer.tier) + 1
+        if up >= len(self.tiers):
+            return
+        messages = list(answer.request.messages) + [{"role": "assistant", "content": answer.text}]
+        self.kv.schedule(Prefill(self.tiers[up], answer.request.conversation_id, messages, self.run_id))
+
+    def idle(self, max_jobs: int = 1) -> int:
+        """Run up to ``max_jobs`` queued warm-handoff prefills (call only when nothing else runs).
+
+        Each evaluates the conversation's tokens the tier does not hold yet, stores its
+        KV state, and is charged: its ATP goes to the budget pacer and the store's
+        background work. Returns the number of jobs run.
+        """
+        done = 0
+        while self.kv and self.kv.pending and done < max_jobs:
+            job = self.kv.pending.pop(0)
+            res = self.kv.run_prefill(job, self.backends[job.tier])
+            done += 1
+            if res is None:
+                continue
+            tokens, secs = res
+            atp = self.memory.costs[job.tier].joules(tokens, 0)
+            self.pacer.charge(atp)
+            self.store.record_background("prefill", job.tier, tokens, atp, secs,
+                                         model_version_id=self.memory.versions.get(job.tier),
+                                         conversation_id=job.conversation, run_id=job.run_id)
+        return done
 
     def handle(self, request: Request, gold: str | None = None) -> tuple[Answer, list[Outcome]]:
         """answer → judge → learn, for one request."""

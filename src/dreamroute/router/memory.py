@@ -2,7 +2,8 @@
 
 Constructors store parameters; everything learned lives here: the experience
 index, trust per (model version, context), surprise statistics, the
-confidence → success calibration of each tier, and budget pacing.
+confidence → success calibration and the learned answer judge of each tier,
+and budget pacing.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..config import RouterConfig
 from ..errors import ConfigError
 from ..signals import ExperienceIndex, FeatureEncoder, SurpriseStats
 from ..trust import TrustBook, TrustState
+from .judge import AnswerJudge, answer_features
 
 CONF_BINS = 5
 OUTCOME_VALUE = {"success": 1.0, "failure": 0.0}
@@ -128,6 +130,12 @@ class BudgetPacer:
         self.spent = 0.0
         self.n = 0
 
+    def charge(self, atp: float) -> None:
+        """Spend ``atp`` J outside any request (background work, e.g. a warm-handoff prefill):
+        it counts toward the running average of the next requests."""
+        self.spent += atp
+        self.smoothed += atp / min(max(self.n, 1), self.horizon)
+
     def update(self, atp: float) -> None:
         self.spent += atp
         self.n += 1
@@ -197,8 +205,11 @@ class Memory:
         self.surprise = {t: SurpriseStats() for t in self.tiers}
         self.tier_stats = {t: TierStats() for t in self.tiers}
         self.calibration = ConfidenceCalibration(len(self.tiers))
+        self.judge = AnswerJudge(len(self.tiers))
+        self.next_judge = AnswerJudge(len(self.tiers))  # slot t: tier t+1's success given t's answer
         self.versions: dict[str, int] = {}
         self.conversations: dict[str, sp.csr_matrix] = {}
+        self.serving: dict[str, str] = {}  # conversation → the tier that answered its last turn
         self.exp_rows: dict[int, int] = {}
         self._rows_cache = None
 
@@ -211,7 +222,8 @@ class Memory:
             if row.model_version_id in by_version:
                 self.trust.set(row.model_version_id, row.context, TrustState(row.alpha, row.beta, row.count))
         cols = ["id", "prompt", "tier", "model_version_id", "outcome", "prompt_tokens", "atp_joules",
-                "confidence", "surprise", "role"]
+                "confidence", "surprise", "role", "response", "predicted", "mean_logprob", "request_id",
+                "surprise_tier"]
         rows = [r for r in store.experiences(cols) if r["model_version_id"] in by_version]
         if not rows:
             return
@@ -219,14 +231,30 @@ class Memory:
         tiers = [self.tier_index[by_version[r["model_version_id"]]] for r in rows]
         outcomes = [OUTCOME_VALUE.get(r["outcome"], math.nan) for r in rows]
         self.index.add_many(vecs, tiers, outcomes, [r["atp_joules"] or 0.0 for r in rows], [r["id"] for r in rows])
+        prev = None  # (request id, tier index, answer features) of the row before
         for i, r in enumerate(rows):
             self.exp_rows[r["id"]] = i
             tier = by_version[r["model_version_id"]]
             self.tier_stats[tier].add(len(r["prompt"]), r["prompt_tokens"], r["atp_joules"] or 0.0)
             if r["role"] != "audit" and r["outcome"] in OUTCOME_VALUE:
                 self.calibration.add(self.tier_index[tier], r["confidence"], OUTCOME_VALUE[r["outcome"]])
-            if r["surprise"] is not None and tier == self.tiers[0]:
-                self.surprise[tier].add(r["surprise"])
+            feats = None
+            if r["response"]:
+                feats = answer_features(r["prompt"], r["response"], r["predicted"], r["confidence"],
+                                        r["mean_logprob"])
+                if r["outcome"] in OUTCOME_VALUE:
+                    self.judge.add(tiers[i], feats, OUTCOME_VALUE[r["outcome"]], refit=False)
+            if (prev is not None and prev[0] == r["request_id"] and prev[1] + 1 == tiers[i]
+                    and prev[2] is not None and r["outcome"] in OUTCOME_VALUE):
+                self.next_judge.add(prev[1], prev[2], OUTCOME_VALUE[r["outcome"]], refit=False)
+            prev = (r["request_id"], tiers[i], feats)
+            if r["surprise"] is not None:
+                scorer = r["surprise_tier"] or self.tiers[0]  # before migration 3: the cheapest tier
+                if scorer in self.surprise:
+                    self.surprise[scorer].add(r["surprise"])
+        for i in range(len(self.tiers)):
+            self.judge.fit(i)
+            self.next_judge.fit(i)
 
     # ---- querying -------------------------------------------------------------------
     def neighbourhood(self, vec: sp.csr_matrix) -> Neighbourhood:
@@ -272,6 +300,65 @@ class Memory:
             return stats.mean_atp()
         prompt_tokens = prompt_chars * stats.tokens_per_char() + 12
         return self.costs[tier].joules(int(prompt_tokens), int(0.75 * max_tokens))
+
+    def learn_answers(self, prompt: str, calls: list, values: list[float]) -> None:
+        """Teach the answer judges one request's graded calls (``values``: 1.0, 0.0 or NaN if unknown).
+
+        Each call with text teaches its tier's judge; each pair of consecutive calls
+        on adjacent tiers (an escalation, an audit) teaches ``next_judge`` how the
+        lower tier's answer predicts the upper tier's outcome.
+        """
+        feats = [self._features(prompt, c) if c.text else None for c in calls]
+        for k, (c, v, f) in enumerate(zip(calls, values, feats)):
+            if f is None or math.isnan(v):
+                continue
+            ti = self.tier_index[c.tier]
+            self.judge.add(ti, f, v)
+            if k + 1 < len(calls) and self.tier_index[calls[k + 1].tier] == ti + 1 and not math.isnan(values[k + 1]):
+                self.next_judge.add(ti, f, values[k + 1])
+
+    def answer_success(self, tier: str, prompt: str, call, prior: float, prior_next: float | None = None
+                       ) -> tuple[float, float | None]:
+        """P(success | prompt, this answer of ``tier``) and P(next tier succeeds | the same), J-free.
+
+        ``prior`` and ``prior_next`` are the router's p̂ for the tier and the next tier on this
+        prompt. The tier's learned answer judge (:class:`~dreamroute.router.judge.AnswerJudge`)
+        refines ``prior`` once the tier has one and the answer has text, else the
+        confidence-bin calibration does; ``next_judge`` refines ``prior_next`` likewise
+        (returned unchanged without a model, None when ``prior_next`` is None).
+        """
+        i = self.tier_index[tier]
+        now, nxt = None, prior_next
+        if call.text:
+            f = self._features(prompt, call)
+            judged = self.judge.predict(i, f)
+            if judged is not None:
+                now = float(self.judge.combine(i, prior, judged))
+            if prior_next is not None and (judged_next := self.next_judge.predict(i, f)) is not None:
+                nxt = float(self.next_given(i, prior_next, np.array([judged_next]))[0])
+        if now is None:
+            now = self.calibration.adjust(i, call.confidence, prior)
+        return now, nxt
+
+    def next_given(self, i: int, prior_next: float, judged_next: np.ndarray) -> np.ndarray:
+        """The next tier's P(success | x, tier i's answer) for answers whose ``next_judge``
+        predictions are ``judged_next``: p̂_next(x) + q(a) − mean q over tier i's recent answers.
+
+        ``next_judge`` learns only from requests where the next tier was also called
+        (escalated or audited: a harder-than-average slice), so its level is biased;
+        its variation across answers is what it adds. Centring it on tier i's
+        recent answers keeps E_a[P(next | x, a)] = p̂_next(x), the value of calling
+        the next tier directly, so a cascade and a direct call are priced consistently
+        (values are not clipped to [0, 1], which would break that equality; the router
+        only compares them).
+        """
+        recent = self.next_judge.predict_many(i, self.judge.recent_features(i))
+        centre = float(recent.mean()) if recent is not None and len(recent) else float(judged_next.mean())
+        return prior_next + judged_next - centre  # not clipped: only differences and maxima are used
+
+    @staticmethod
+    def _features(prompt: str, call) -> np.ndarray:
+        return answer_features(prompt, call.text, call.predicted, call.confidence, call.generation.mean_logprob)
 
     def trust_state(self, tier: str, context: str) -> TrustState:
         return self.trust.get(self.versions[tier], context)

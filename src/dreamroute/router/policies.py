@@ -34,6 +34,7 @@ class RouteView:
     memory: Memory
     pacer: BudgetPacer
     prompt_chars: int
+    prompt: str = ""
 
 
 class Policy(Protocol):
@@ -134,9 +135,11 @@ class DreamroutePolicy(_Base):
     λ-priced ATP.
 
     Escalation (DESIGN.md step 5, with the threshold learned): after tier t
-    answers with confidence c, P(success | x, t, c) combines p̂_t(x) with the
-    outcomes of earlier answers of t in the same confidence bin
-    (:class:`ConfidenceCalibration`); escalate when the next tier's p̂ exceeds it by more than the next
+    answers a, P(success | x, t, a) combines p̂_t(x) with what the tier's
+    graded answers taught: its learned answer judge
+    (:class:`~dreamroute.router.judge.AnswerJudge`: the answer's form, length,
+    logprobs ...), or before it has one, the outcomes of earlier answers in the
+    same confidence bin (:class:`ConfidenceCalibration`); escalate when the next tier's p̂ exceeds it by more than the next
     call's λ-priced ATP (λ is what keeps the average within budget). The confidence below which
     a tier is escalated is thus learned per tier and moves with the budget.
     Audit: with probability a + b·n(x)², budget permitting: only while the
@@ -165,15 +168,27 @@ class DreamroutePolicy(_Base):
             out[t] = float(self.rng.beta(a, b)) if sample else a / (a + b)
         return out
 
-    def cascade_value(self, i: int, p_t: float, alternative: float, view: RouteView) -> tuple[float, float] | None:
+    def cascade_value(self, i: int, p_t: float, p_next: float, price_next: float, view: RouteView
+                      ) -> tuple[float, float] | None:
         """Calling tier i first and escalating when its answer looks weak: (expected
         success, probability of escalating), or None before tier i has any graded answer.
 
-        Expected success = Σ_b P(b | tier i) · max(P(success | x, i, b), alternative),
-        with b the answer's confidence bin and ``alternative`` = the next tier's
-        p̂ minus its λ-priced ATP (one-step lookahead, as in cascades that learn
-        when to defer: FrugalGPT, Chen et al. 2023; AutoMix, Madaan et al. 2023).
+        Expected success = E_a[max(P(success | x, i, a), P(next succeeds | x, a) − price_next)]
+        over tier i's answers a (one-step lookahead, as in cascades that learn when to
+        defer: FrugalGPT, Chen et al. 2023; AutoMix, Madaan et al. 2023). Once the tier
+        has a learned answer judge, the expectation runs over its latest answers, each
+        judged (and, with ``next_judge``, the next tier's chance given it), then combined
+        with this item's p̂ (``p_t``, ``p_next``); before that, over its confidence bins b,
+        Σ_b P(b | tier i) · max(P(success | x, i, b), p_next − price_next).
         """
+        mem = view.memory
+        if mem.judge.fitted(i):
+            x = mem.judge.recent_features(i)
+            p_a = mem.judge.combine(i, p_t, mem.judge.predict_many(i, x))
+            q = mem.next_judge.predict_many(i, x)
+            alt = (mem.next_given(i, p_next, q) if q is not None else p_next) - price_next
+            return float(np.maximum(p_a, alt).mean()), float((alt > p_a).mean())
+        alternative = p_next - price_next
         cal = view.memory.calibration
         dist = cal.bin_distribution(i)
         if dist is None:
@@ -204,7 +219,7 @@ class DreamroutePolicy(_Base):
                 i = self.tiers.index(t)
                 if i + 1 < len(self.tiers):
                     nxt = self.tiers[i + 1]
-                    cv = self.cascade_value(i, est[t], est[nxt] - price[nxt], view)
+                    cv = self.cascade_value(i, est[t], est[nxt], price[nxt], view)
                     if cv is not None:
                         cands.append((cv[0] - price[t], -(atp[t] + cv[1] * atp[nxt]), t))
             return max(cands)[2]
@@ -223,8 +238,9 @@ class DreamroutePolicy(_Base):
         if i + 1 >= len(self.tiers):
             return None
         nxt = self.tiers[i + 1]
-        p_now = view.memory.calibration.adjust(i, call.confidence, decision.p_hat.get(call.tier, 0.5))
-        gain = decision.p_hat.get(nxt, 0.5) - p_now
+        p_now, p_next = view.memory.answer_success(call.tier, view.prompt, call, decision.p_hat.get(call.tier, 0.5),
+                                                   decision.p_hat.get(nxt, 0.5))
+        gain = p_next - p_now
         cost = decision.expected_atp.get(nxt, 0.0)
         if gain > view.pacer.price(cost):
             return nxt

@@ -117,6 +117,14 @@ class Answer:
     calls: list[Call]
     surprise_atp: float = 0.0
     outcomes: list["Outcome"] | None = None  # set once judged (DreamRoute.complete)
+    surprise_tier: str | None = None  # the tier whose log-likelihood gave the surprise
+    kv: dict = field(default_factory=dict)  # tier → cache.reuse.Restore, for conversation turns
+
+    @property
+    def kv_restored(self) -> bool:
+        """Whether the answering tier reused a stored KV state of the conversation."""
+        r = self.kv.get(self.tier)
+        return bool(r and r.hit)
 
     @property
     def final(self) -> Call:

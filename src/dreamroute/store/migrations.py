@@ -3,7 +3,9 @@
 Each migration is explicit DDL frozen at the time it was written: never edit
 one that has shipped, add the next number instead. ``schema.py`` describes
 the result of all of them. Migration 1 creates the tables; migration 2 adds
-the lookup indexes and the model-version uniqueness index.
+the lookup indexes and the model-version uniqueness index; migration 3 adds
+``experiences.surprise_tier`` (which tier's log-likelihood the surprise is)
+and the ``background_work`` table (idle-time prefills and their ATP).
 
 ``migrate(engine)`` records each applied migration in
 ``_migrations(version, name, applied_at)``; every migration runs in its own
@@ -114,9 +116,21 @@ def _m002_indexes(conn: Connection) -> None:
         conn.exec_driver_sql(ddl)
 
 
+def _m003_kv_cache(conn: Connection) -> None:
+    """experiences.surprise_tier, and background_work (warm-handoff prefills, their tokens and ATP)."""
+    conn.exec_driver_sql("ALTER TABLE experiences ADD COLUMN surprise_tier VARCHAR(100)")
+    conn.exec_driver_sql(
+        "CREATE TABLE background_work ("
+        "id INTEGER NOT NULL PRIMARY KEY, kind VARCHAR(40) NOT NULL, tier VARCHAR(100) NOT NULL, "
+        "model_version_id INTEGER REFERENCES model_versions (id), conversation_id VARCHAR(200), "
+        "tokens INTEGER NOT NULL, atp_joules FLOAT NOT NULL, seconds FLOAT NOT NULL, "
+        "run_id INTEGER REFERENCES runs (id), created_at VARCHAR(40) NOT NULL)")
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial tables", _m001_initial),
     (2, "indexes", _m002_indexes),
+    (3, "kv cache: surprise tier, background work", _m003_kv_cache),
 ]
 
 

@@ -123,6 +123,7 @@ experiences = Table(
     Column("predicted", Text),
     Column("priority", Float, nullable=False),
     Column("created_at", String(40), nullable=False),
+    Column("surprise_tier", String(100)),            # migration 3: the tier that scored the surprise
     CheckConstraint("role IN ('chosen','escalated','audit')", name="ck_experiences_role"),
     CheckConstraint("outcome IN ('success','failure','unknown')", name="ck_experiences_outcome"),
 )
@@ -145,6 +146,20 @@ ledger = Table(
 )
 Index("ix_ledger_entity", ledger.c.entity, ledger.c.seq)
 
+background_work = Table(                              # migration 3
+    "background_work", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("kind", String(40), nullable=False),       # "prefill" (warm handoff)
+    Column("tier", String(100), nullable=False),
+    Column("model_version_id", Integer, ForeignKey("model_versions.id")),
+    Column("conversation_id", String(200)),
+    Column("tokens", Integer, nullable=False),         # tokens evaluated
+    Column("atp_joules", Float, nullable=False),
+    Column("seconds", Float, nullable=False),
+    Column("run_id", Integer, ForeignKey("runs.id")),
+    Column("created_at", String(40), nullable=False),
+)
+
 calibration = Table(
     "calibration", metadata,
     Column("identity", String(300), primary_key=True),
@@ -165,7 +180,7 @@ EXPERIENCE_DEFAULTS: dict[str, object] = {
     "mean_logprob": None, "confidence": None, "novelty": 0.0, "drift": 0.0,
     "instability": None, "surprise": None, "snarc_s": 0.0, "snarc_n": 0.0, "snarc_a": 0.0,
     "snarc_r": 0.0, "snarc_c": 0.0, "salience": 0.0, "outcome": "unknown", "witness": "",
-    "gold": None, "predicted": None, "priority": 0.0,
+    "gold": None, "predicted": None, "priority": 0.0, "surprise_tier": None,
 }
 
 #: experience columns that must be given: nothing sensible can stand in for them.

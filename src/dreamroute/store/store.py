@@ -245,6 +245,26 @@ class Store:
             self._apply_trust(conn, trust_updates, ids, now)
             return ids
 
+    def record_background(self, kind: str, tier: str, tokens: int, atp_joules: float, seconds: float, *,
+                          model_version_id: int | None = None, conversation_id: str | None = None,
+                          run_id: int | None = None) -> int:
+        """Record idle-time work (``kind`` "prefill": a warm handoff) and the ATP it cost (J).
+        Returns its id. Raises StoreError on a failed write."""
+        row = dict(kind=kind, tier=tier, tokens=int(tokens), atp_joules=float(atp_joules), seconds=float(seconds),
+                   model_version_id=model_version_id, conversation_id=conversation_id, run_id=run_id,
+                   created_at=T.utc_now())
+        with self._write() as conn:
+            return conn.execute(insert(T.background_work).returning(T.background_work.c.id), [row]).scalar_one()
+
+    def background_atp(self, run_id: int | None = None) -> float:
+        """Total ATP of recorded background work (of one run, or all), J."""
+        b = T.background_work
+        stmt = select(func.coalesce(func.sum(b.c.atp_joules), 0.0))
+        if run_id is not None:
+            stmt = stmt.where(b.c.run_id == run_id)
+        with self._read() as conn:
+            return float(conn.execute(stmt).scalar_one())
+
     def _apply_trust(self, conn: Connection, updates: list[TrustUpdate], ids: list[int], now: str) -> None:
         """Upsert the trust rows of ``updates`` and append their ``trust.update`` ledger entries."""
         if updates:
