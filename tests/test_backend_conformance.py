@@ -338,3 +338,46 @@ def test_bench_tier_on_scripted_backend():
     assert r["decode_tok_s"] == pytest.approx(50.0)
     assert 80 <= r["ttft_prompt_tokens"] <= 130 and 300 <= r["prefill_prompt_tokens"] <= 450
     assert r["rss_mb"] > 0
+
+
+@pytest.mark.model
+def test_llama_restored_conversation_gives_the_same_greedy_answer(llama_backend, tmp_path):
+    from dreamroute.cache.reality import RealityCache
+    from dreamroute.cache.reuse import ConversationKV
+
+    kv = ConversationKV(RealityCache(tmp_path))
+    first = [{"role": "user", "content": "Name three rivers in Europe and one fact about each. " * 3}]
+    g1 = llama_backend.generate(first, max_tokens=24)
+    assert kv.save("sensory", llama_backend, "conv", g1.prompt_tokens) is not None
+    follow = first + [{"role": "assistant", "content": g1.text}, {"role": "user", "content": "Which is longest?"}]
+    llama_backend.reset()
+    cold = llama_backend.generate(follow, max_tokens=24)
+    llama_backend.reset()
+    r = kv.restore("sensory", llama_backend, "conv", follow)
+    assert r.hit and r.source == "disk" and r.tokens >= g1.prompt_tokens
+    warm = llama_backend.generate(follow, max_tokens=24)
+    assert warm.text == cold.text
+    assert warm.cached_tokens >= r.tokens - 1 and cold.cached_tokens == 0
+    # a changed earlier turn is a miss, never a wrong answer
+    llama_backend.reset()
+    changed = [{"role": "user", "content": "Name three lakes in Asia."}] + follow[1:]
+    assert not kv.restore("sensory", llama_backend, "conv", changed).hit
+
+
+@pytest.mark.model
+def test_llama_score_new_only_is_the_tail_of_score(llama_backend, tmp_path):
+    import numpy as np
+    from dreamroute.cache.reality import RealityCache
+    from dreamroute.cache.reuse import ConversationKV
+
+    first = [{"role": "user", "content": "The ferry left for the island with crates of apples. " * 6}]
+    llama_backend.reset()
+    g = llama_backend.generate(first, max_tokens=8)
+    assert ConversationKV(RealityCache(tmp_path)).save("sensory", llama_backend, "c", g.prompt_tokens) >= 2
+    follow = first + [{"role": "assistant", "content": g.text}, {"role": "user", "content": "What did it carry?"}]
+    n = len(llama_backend.prompt_tokens(follow))
+    new = llama_backend.score(follow, new_only=True)
+    llama_backend.reset()
+    full = llama_backend.score(follow)
+    assert 0 < len(new) < n - 1 and len(full) == n - 1
+    assert np.allclose(new, full[-len(new):], atol=1e-3)   # a settled state scores as a cold prefill

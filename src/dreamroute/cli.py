@@ -22,6 +22,8 @@ ledger_app = typer.Typer(help="The hash-chained ledger of trust changes.", no_ar
 models_app = typer.Typer(help="Model weights of the hierarchy.", no_args_is_help=True)
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(models_app, name="models")
+cache_app = typer.Typer(help="The reality cache: conversation KV states on disk.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
 console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, soft_wrap=True)
 
@@ -83,9 +85,16 @@ def run(workload: str = typer.Argument(..., help="GSM8K JSONL, generic JSONL (pr
         fresh: bool = typer.Option(False, "--fresh", help="Start a new attempt instead of resuming."),
         json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
         max_tokens: int = typer.Option(320, min=1, help="Generation limit per call."),
+        no_cache: bool = typer.Option(False, "--no-cache", help="Do not keep or restore conversation KV states."),
         config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
-    """Route a workload live, grade each answer, learn online, and report. Resumable."""
+    """Route a workload live, grade each answer, learn online, and report. Resumable.
+
+    Conversation workloads (records with "turns", e.g. MT-Bench's question.jsonl) send each
+    turn with the conversation so far, reusing its KV state from the reality cache.
+    """
     settings = _settings(config, db)
+    if no_cache:
+        settings = settings.model_copy(update={"cache": settings.cache.model_copy(update={"enabled": False})})
     _run_and_report(settings, workload, policy=policy, budget=budget, seed=seed, limit=limit, fresh=fresh,
                     db=db, json_path=json_path, title=f"run {policy}", max_tokens=max_tokens)
 
@@ -169,13 +178,23 @@ def simulate(recorded: Path = typer.Argument(..., help="Recorded outcomes: a col
 def bench(tier: Optional[list[str]] = typer.Option(None, "--tier", help="Tiers to bench (default: all llama tiers)."),
           repeats: int = typer.Option(3, help="Measure each speed this many times; keep the fastest."),
           json_path: Optional[Path] = typer.Option(None, "--json", help="Write a list with one object per tier."),
+          kv: bool = typer.Option(False, "--kv", help="Measure the reality cache instead: follow-up TTFT cold vs "
+                                  "restored at 500/2000/4000 tokens, warm handoff, bytes per cached token."),
+          n_ctx: int = typer.Option(8192, min=512, help="With --kv: context size of the tiers measured."),
           config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
-    """Benchmark each tier (load, TTFT, prefill and decode tokens/s, RSS) and store the ATP calibration."""
+    """Benchmark each tier (load, TTFT, prefill and decode tokens/s, RSS) and store the ATP calibration.
+
+    With --kv, benchmark the reality cache on one tier (--tier, default tactical) and the
+    handoff to the tier above it; nothing is stored.
+    """
     from .backends import make_backend
     from .bench import bench_tier
     from .eval.runner import write_json
     from .store.store import Store
     settings = _settings(config, db)
+    if kv:
+        _bench_kv(settings, (tier or ["tactical"])[0], n_ctx, json_path)
+        return
     names = tier or [t.name for t in settings.tiers if t.backend != "scripted"]
     rows = []
     with Store(settings.db_path) as store:
@@ -199,6 +218,84 @@ def bench(tier: Optional[list[str]] = typer.Option(None, "--tier", help="Tiers t
     if json_path:
         write_json(json_path, [{k: r[k] for k in keys} for r in rows])
         console.print(f"wrote {json_path}")
+
+
+def _bench_kv(settings: Settings, name: str, n_ctx: int, json_path: Optional[Path]) -> None:
+    from .backends import make_backend
+    from .bench_kv import bench_kv
+    from .eval.runner import write_json
+    settings.tier(name)
+    names = settings.tier_names
+    up = names[names.index(name) + 1] if names.index(name) + 1 < len(names) else None
+    backends = {}
+    for t in settings.tiers:
+        if t.name in (name, up):
+            backends[t.name] = make_backend(t.model_copy(update={"n_ctx": max(t.n_ctx, n_ctx)}), settings)
+    console.print(f"reality cache on {name} (handoff to {up or 'none'}), n_ctx {n_ctx} ...")
+    try:
+        res = bench_kv(backends, name, up)
+    finally:
+        for b in backends.values():
+            b.close()
+    table = Table(title=f"dreamroute bench --kv ({name})")
+    for k in ("context tokens", "TTFT cold s", "TTFT restored s", "speedup", "state MB"):
+        table.add_column(k, justify="right")
+    for p in res["points"]:
+        table.add_row(str(p["context_tokens"]), f"{p['ttft_cold_s']:.2f}", f"{p['ttft_restored_s']:.3f}",
+                      f"{p['speedup']:.1f}x", f"{p['state_bytes'] / 1e6:.1f}")
+    console.print(table)
+    console.print(f"bytes per cached token {res.get('bytes_per_token', float('nan')):.0f} "
+                  f"(theoretical KV {res['theoretical_bytes_per_token']})")
+    if "handoff" in res:
+        h = res["handoff"]
+        console.print(f"handoff to {h['tier']} at {h['context_tokens']} tokens: TTFT cold {h['ttft_cold_s']:.2f} s, "
+                      f"warm {h['ttft_warm_s']:.3f} s ({h['speedup']:.1f}x)")
+    if json_path:
+        write_json(json_path, res)
+        console.print(f"wrote {json_path}")
+
+
+@cache_app.command("ls")
+@_errors
+def cache_ls(config: Optional[Path] = ConfigOpt):
+    """Stored conversation KV states, most recently used first."""
+    from .cache.reality import RealityCache
+    s = load_settings(config)
+    table = Table(title=f"reality cache {s.kv_dir}")
+    for k in ("conversation", "tier", "model", "tokens", "MB", "last used"):
+        table.add_column(k)
+    import datetime
+    for c in RealityCache(s.kv_dir, s.cache.max_bytes).entries():
+        table.add_row(c.conversation, c.tier, c.identity[:12], str(c.n_tokens), f"{c.bytes / 1e6:.1f}",
+                      datetime.datetime.fromtimestamp(c.last_used).isoformat(timespec="seconds"))
+    console.print(table)
+
+
+@cache_app.command("stats")
+@_errors
+def cache_stats(json_out: bool = typer.Option(False, "--json", help="Print JSON."), config: Optional[Path] = ConfigOpt):
+    """Entries, bytes against the budget, tokens held, per tier."""
+    from .cache.reality import RealityCache
+    s = load_settings(config)
+    st = RealityCache(s.kv_dir, s.cache.max_bytes).stats()
+    if json_out:
+        print(json.dumps(st, indent=2))
+        return
+    console.print(f"{st['entries']} states, {st['bytes'] / 1e6:.1f} MB of {st['max_bytes'] / 1e6:.0f} MB, "
+                  f"{st['tokens']} tokens ({s.kv_dir})")
+    for t, d in st["by_tier"].items():
+        console.print(f"  {t}: {d['entries']} states, {d['bytes'] / 1e6:.1f} MB")
+
+
+@cache_app.command("clear")
+@_errors
+def cache_clear(conversation: Optional[str] = typer.Option(None, help="Only this conversation's states."),
+                config: Optional[Path] = ConfigOpt):
+    """Delete stored KV states (all, or one conversation's)."""
+    from .cache.reality import RealityCache
+    s = load_settings(config)
+    n = RealityCache(s.kv_dir, s.cache.max_bytes).clear(conversation)
+    console.print(f"deleted {n} state(s) from {s.kv_dir}")
 
 
 @app.command()

@@ -107,6 +107,11 @@ class Backend(Protocol):
         """The tokens the KV state holds now ([] when none)."""
         ...
 
+    def settle(self) -> int:
+        """Make the held state equal to what a cold prefill of the same tokens computes
+        (re-evaluate cells decoded one token at a time); returns the tokens re-evaluated."""
+        ...
+
     def state_tokens(self, state: bytes) -> list:
         """The tokens a :meth:`save_state` result holds, without loading it. Raises
         BackendError for a damaged state or one made by another model."""

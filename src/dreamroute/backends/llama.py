@@ -88,6 +88,9 @@ class LlamaBackend:
         # tokens only, not on what the KV cache holds now
         self._lp_tokens: list[int] = []
         self._lp: list[float] = []
+        # leading KV cells computed by batched decodes (a prefill); cells after them were decoded
+        # one token at a time while generating, which llama.cpp computes with other rounding
+        self._batched = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -149,6 +152,36 @@ class LlamaBackend:
         if self._llm is not None:
             self._llm._ctx.kv_cache_seq_rm(-1, 0, -1)
             self._llm.reset()
+        self._batched = 0
+
+    def settle(self) -> int:
+        """Re-evaluate, as one batch, the KV cells that generation decoded one token at a time.
+
+        llama.cpp's one-token decode and its batched decode round differently (measured on
+        the sensory model: a conversation restored with the generated answer's cells as
+        decoded gave a different greedy continuation than a cold prefill; re-evaluated as a
+        batch, the same one). After this the held state equals what a cold prefill of the
+        same tokens computes, so a saved and restored state answers exactly as no cache.
+
+        Returns the number of tokens re-evaluated (a prefill of that many tokens).
+        Raises BackendError when llama.cpp fails (the cache is then emptied).
+        """
+        llm = self._llm
+        if llm is None or self._batched >= llm.n_tokens:
+            return 0
+        n, b = llm.n_tokens, self._batched
+        if n - b == 1 and b > 0:
+            b -= 1  # a batch of one token would take the one-token path again
+        toks = llm._input_ids[:n].tolist()
+        try:
+            llm._ctx.kv_cache_seq_rm(-1, b, -1)
+            llm.n_tokens = b
+            llm.eval(toks[b:])
+        except Exception as e:
+            self.reset()
+            raise self._err("re-evaluating the generated tokens failed", e) from e
+        self._batched = n
+        return n - b
 
     def _model(self):
         self.load()
@@ -260,6 +293,12 @@ class LlamaBackend:
         if text is None:
             text = llm.detokenize(completion, prev_tokens=tokens)
         t_first = t_first or t_end
+        # the prompt's new cells came from one batched decode unless it was a single token
+        # (llama.cpp re-evaluates the last prompt token alone when the rest was held)
+        evaluated = len(tokens) - max(cached, 0)
+        if self._batched >= cached:
+            self._batched = len(tokens) if evaluated >= 2 else min(self._batched, cached)
+        self._batched = min(self._batched, llm.n_tokens)
         return Generation(
             text=text.decode("utf-8", errors="ignore"), prompt_tokens=len(tokens),
             completion_tokens=len(completion), token_logprobs=lps,
@@ -341,9 +380,13 @@ class LlamaBackend:
         if new_only:
             if known is not None:  # the scores of earlier tokens are still valid: keep them all
                 self._lp_tokens, self._lp = list(tokens), known + new
+            if self._batched >= start and n - start >= 2:
+                self._batched = n
             return new
         out = known + new if len(known) < n - 1 else known[: n - 1]
         self._lp_tokens, self._lp = list(tokens), out
+        if self._batched >= start and n - start >= 2:
+            self._batched = n
         return out
 
     # ------------------------------------------------------------------ state
@@ -443,3 +486,4 @@ class LlamaBackend:
         llm.n_tokens = n
         llm._requires_eval = True
         self._lp_tokens, self._lp = toks[: len(lp) + 1], lp
+        self._batched = n  # states are saved settled (see settle())

@@ -306,6 +306,10 @@ class OpenAIBackend:
         """Always raises BackendError: no KV state."""
         raise BackendError(f"tier {self.tier.name!r}: a remote server has no token-level KV state")
 
+    def settle(self) -> int:
+        """Nothing to re-evaluate here (no numerics differ between decode paths): 0."""
+        return 0
+
     def save_state(self) -> bytes:
         """Always raises BackendError: a remote server keeps its own cache."""
         raise BackendError(f"tier {self.tier.name!r}: a remote server ({self.base_url}) keeps its own "

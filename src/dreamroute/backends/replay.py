@@ -181,6 +181,10 @@ class ReplayBackend:
         """Always raises BackendError: no KV state."""
         raise BackendError(f"replay tier {self.tier!r}: a recorded source has no token-level KV state")
 
+    def settle(self) -> int:
+        """Nothing to re-evaluate here (no numerics differ between decode paths): 0."""
+        return 0
+
     def save_state(self) -> bytes:
         """Always raises: a recorded source has no KV state."""
         raise BackendError(f"replay tier {self.tier!r}: a recorded source has no KV state to save")

@@ -174,6 +174,10 @@ class ScriptedBackend:
         """The tokens a :meth:`save_state` result holds. Raises BackendError like :meth:`load_state`."""
         return self._parse(state)
 
+    def settle(self) -> int:
+        """Nothing to re-evaluate here (no numerics differ between decode paths): 0."""
+        return 0
+
     def save_state(self) -> bytes:
         """The held tokens as checksummed JSON bytes, tagged with the identity."""
         body = _MAGIC + json.dumps({"identity": self.identity, "tokens": self._history}).encode()

@@ -113,18 +113,25 @@ class ConversationKV:
         self.counts["misses"] += 1
         return Restore(tier, False, 0, None, reason, time.perf_counter() - t0)
 
-    def save(self, tier: str, backend, conversation: str, n_prompt: int) -> bool:
+    def save(self, tier: str, backend, conversation: str, n_prompt: int) -> int | None:
         """Store what ``backend`` holds now as the conversation's state (``n_prompt``: tokens
-        of the prompt just answered). Returns False (and records why) when it could not."""
+        of the prompt just answered).
+
+        First the backend settles its state (``settle()``: the answer's cells, decoded one
+        token at a time, are re-evaluated as a batch, so a restore answers exactly as a cold
+        prefill). Returns the number of tokens that re-evaluated (their ATP is the caller's
+        to charge), or None (and records why) when the state could not be stored.
+        """
         try:
+            settled = backend.settle()
             state = backend.save_state()
             n_tokens = len(backend.held_tokens())
             self.cache.put(backend.identity, conversation, tier, state, n_tokens, n_prompt)
         except (BackendError, CacheError) as e:
             self._error(str(e))
-            return False
+            return None
         self.counts["saved"] += 1
-        return True
+        return settled
 
     # ------------------------------------------------------------------ warm handoff
     def schedule(self, job: Prefill) -> None:
@@ -143,10 +150,21 @@ class ConversationKV:
         r = self.restore(job.tier, backend, job.conversation, job.messages)
         try:
             prompt = backend.prompt_tokens(job.messages)
+            # the part a next turn shares: the rendered conversation without the generation prompt
+            n_shared = _common(prompt, backend.prompt_tokens(job.messages + [{"role": "user", "content": "."}]))
             backend.score(job.messages, new_only=True)  # evaluates the tokens not yet held
         except BackendError as e:
             self._error(str(e))
             return None
-        if not self.save(job.tier, backend, job.conversation, len(prompt)):
+        if self.save(job.tier, backend, job.conversation, n_shared) is None:
             return None
         return len(prompt) - r.tokens, time.perf_counter() - t0
+
+
+def _common(a: list, b: list) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -102,9 +102,20 @@ def run_workload(settings: Settings, spec: str, *, policy: str = "dreamroute", b
                           console=console, disable=not progress, transient=False) as bar:
                 task = bar.add_task(policy, total=len(todo), acc="-")
                 right = graded = 0
+                histories: dict[str, list[dict]] = {}
                 for it in todo:
-                    ans = dr.complete(it.prompt, gold=it.answer, grader=it.grader, item_key=it.key,
-                                      max_tokens=max_tokens)
+                    conv = it.meta.get("conversation")
+                    if conv is None:
+                        ans = dr.complete(it.prompt, gold=it.answer, grader=it.grader, item_key=it.key,
+                                          max_tokens=max_tokens)
+                    else:  # a conversation turn: sent with the turns before it and their answers
+                        if conv not in histories:
+                            histories[conv] = conversation_history(store, run_id, conv)
+                        messages = histories[conv] + [{"role": "user", "content": it.prompt}]
+                        ans = dr.complete(messages, conversation_id=conv, gold=it.answer, grader=it.grader,
+                                          item_key=it.key, max_tokens=max_tokens)
+                        histories[conv] = messages + [{"role": "assistant", "content": ans.text}]
+                        dr.idle()  # between requests nothing else runs: warm handoffs go here
                     overhead.append(ans.decision.overhead_ms)
                     final = ans.calls.index(ans.final)
                     if ans.outcomes[final].outcome in ("success", "failure") and it.answer is not None:
@@ -122,6 +133,9 @@ def run_workload(settings: Settings, spec: str, *, policy: str = "dreamroute", b
         summary = run_summary(store, run_id, overhead)
         summary.update(policy=policy, budget=budget, seed=seed, workload=str(spec), digest=digest,
                        run_id=run_id, resumed_items=len(done))
+        if dr.kv is not None:
+            summary["kv_cache"] = dict(dr.kv.counts, errors=dr.kv.errors[-5:],
+                                       background_atp_joules=store.background_atp(run_id))
         return RunResult(summary, run_id, len(done), len(todo), error, overhead)
     finally:
         store.close()
@@ -131,6 +145,20 @@ def run_summary(store: Store, run_id: int, overhead_ms: list[float]) -> dict:
     trust = [dict(tier=r.tier, model=r.model, context=r.context, trust=r.mean, n=r.count)
              for r in store.trust_table()]
     return summarize_run(store.experiences(run_id=run_id), trust, overhead_ms)
+
+
+def conversation_history(store: Store, run_id: int, conversation: str) -> list[dict]:
+    """The messages of a conversation's answered turns in this run (resuming mid-conversation):
+    each turn's user prompt and the response that answered it (its last non-audit call)."""
+    final: dict[str, dict] = {}
+    for r in store.experiences(["request_id", "conversation_id", "turn", "prompt", "response", "role"],
+                               run_id=run_id):
+        if r["conversation_id"] == conversation and r["role"] != "audit":
+            final[r["request_id"]] = r  # later calls of a request (escalations) replace earlier ones
+    out: list[dict] = []
+    for r in sorted(final.values(), key=lambda r: r["turn"]):
+        out += [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]
+    return out
 
 
 def _restore_pacing(dr: DreamRoute, store: Store, run_id: int) -> None:

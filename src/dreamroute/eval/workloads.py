@@ -11,12 +11,20 @@ A workload spec is one of
   null, "grader"?: str, "id"?: str | int, ...}``): key = ``id`` when given,
   else ``{file stem}:{i}``; grader defaults to ``exact``; the other fields go
   to ``meta``;
+- a conversation JSONL file (records ``{"id"?: str | int, "turns": [turn, ...],
+  "grader"?: str}``, also MT-Bench's ``question.jsonl`` with ``question_id``):
+  one item per turn, key ``{id}:t{k}`` (``k`` 0-based), ``meta`` holding
+  ``conversation`` (the id) and ``turn``; a turn is a string (ungraded) or
+  ``{"content": str, "answer"?: str | number | null, "grader"?: str}`` (graded
+  where it has an answer; grader defaults to the record's, else ``exact``). A
+  runner sends each turn with the conversation so far (earlier turns and the
+  answers given to them);
 - ``builtin:arithmetic`` or ``builtin:arithmetic?n=50&levels=1-5&seed=3``:
   generated arithmetic word problems (``dreamroute.eval.generated``); ``n``
   defaults to 100, ``levels`` to 1-5 (``"2"``, ``"1-3"`` or ``"1,3,5"``), and a
   ``seed`` in the spec overrides the ``seed`` argument.
 
-Each file is detected as GSM8K or generic from its first valid record. Empty
+Each file is detected as GSM8K, conversation or generic from its first valid record. Empty
 lines are skipped. A malformed line (bad JSON, a missing field, a wrong type, a
 duplicate key) raises ``WorkloadError`` naming the file, the 1-based line
 number, what is wrong and how to fix it.
@@ -211,16 +219,19 @@ def _file_items(path: Path) -> Iterator[Item]:
                 continue
             record = _parse_line(path, lineno, line)
             if kind is None:
-                kind = "gsm8k" if _looks_gsm8k(record) else "generic"
+                kind = "gsm8k" if _looks_gsm8k(record) else "conversation" if "turns" in record else "generic"
             if kind == "gsm8k":
-                item = _gsm8k_item(path, lineno, index, record)
+                items = [_gsm8k_item(path, lineno, index, record)]
+            elif kind == "conversation":
+                items = _conversation_items(path, lineno, index, record)
             else:
-                item = _generic_item(path, lineno, index, record)
-            if item.key in seen:
-                _fail(path, lineno, f"key {item.key!r} was already used on line {seen[item.key]}",
-                      "give every record a unique 'id'")
-            seen[item.key] = lineno
-            yield item
+                items = [_generic_item(path, lineno, index, record)]
+            for item in items:
+                if item.key in seen:
+                    _fail(path, lineno, f"key {item.key!r} was already used on line {seen[item.key]}",
+                          "give every record a unique 'id'")
+                seen[item.key] = lineno
+            yield from items
 
 
 def _fail(path: Path, lineno: int, what: str, fix: str) -> NoReturn:
@@ -302,3 +313,40 @@ def _generic_item(path: Path, lineno: int, index: int, record: dict[str, Any]) -
         grader=grader.strip().lower(),
         meta=meta,
     )
+
+
+def _conversation_items(path: Path, lineno: int, index: int, record: dict[str, Any]) -> list[Item]:
+    from dreamroute.eval.graders import get_grader
+
+    fix = ("conversation records need {\"turns\": [str | {\"content\": str, \"answer\"?: str | number, "
+           "\"grader\"?: str}, ...]} with optional \"id\" (string or integer) and \"grader\"")
+    turns = record.get("turns")
+    if not isinstance(turns, list) or not turns:
+        _fail(path, lineno, "'turns' must be a non-empty list (the file was read as conversations "
+              "from its first record)", fix)
+    rid = record.get("id", record.get("question_id"))
+    if isinstance(rid, bool) or not isinstance(rid, (str, int, type(None))):
+        _fail(path, lineno, f"'id' must be a string or integer, got {type(rid).__name__}", fix)
+    conv = str(rid) if rid is not None else f"{path.stem}:{index}"
+    default_grader = record.get("grader", "exact")
+    items = []
+    for k, turn in enumerate(turns):
+        if isinstance(turn, str):
+            turn = {"content": turn}
+        if not isinstance(turn, dict):
+            _fail(path, lineno, f"turn {k} must be a string or an object, got {type(turn).__name__}", fix)
+        content, answer = turn.get("content"), turn.get("answer")
+        if not isinstance(content, str) or not content.strip():
+            _fail(path, lineno, f"turn {k} has no non-empty 'content' string", fix)
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float, type(None))):
+            _fail(path, lineno, f"turn {k}: 'answer' must be a string or number, got {type(answer).__name__}", fix)
+        grader = turn.get("grader", default_grader)
+        try:
+            get_grader(grader if isinstance(grader, str) else "")
+        except ConfigError as exc:
+            _fail(path, lineno, f"turn {k}: {str(exc).rstrip('.')}", "fix the turn's or record's 'grader'")
+        meta = {k2: v for k2, v in record.items() if k2 not in ("turns", "id", "question_id", "grader")}
+        meta.update(conversation=conv, turn=k, index=index)
+        items.append(Item(key=f"{conv}:t{k}", prompt=content, answer=None if answer is None else str(answer),
+                          grader=grader.strip().lower(), meta=meta))
+    return items

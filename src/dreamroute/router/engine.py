@@ -93,7 +93,9 @@ class Engine:
         u = instability(self.memory.index.outcome[hood.rows_all]) if len(hood.rows_all) else 0.0
         d = drift(vec, prev)
         surprise, z, atp, secs, tier = None, None, 0.0, 0.0, None
-        if getattr(self.policy, "needs_surprise", False) and self.config.surprise:
+        follow_up = bool(self.kv and request.conversation_id and request.turn > 0)
+        if self.config.surprise and (follow_up or getattr(self.policy, "needs_surprise", False)):
+            # a follow-up's surprise comes with the prefill its serving tier needs anyway
             surprise, atp, secs, tier = self._surprise(request)
             if surprise is not None:
                 z = self.memory.surprise[tier].z(surprise)
@@ -125,7 +127,7 @@ class Engine:
         self._surprise_cpu_s = time.thread_time() - c0
         if not lps:
             return None, 0.0, secs, tier
-        atp = self.memory.costs[tier].joules(len(lps) + (0 if follow_up else 1), 0)
+        atp = self.memory.costs[tier].joules(len(lps) + 1, 0)  # the first token, or the one re-read
         return -sum(lps) / len(lps), atp, secs, tier
 
     def _call(self, tier: str, role: str, request: Request) -> Call:
@@ -137,13 +139,14 @@ class Engine:
         if conv and tier not in self._restored:
             self._restored[tier] = self.kv.restore(tier, backend, conv, request.messages)
         gen = backend.generate(request.messages, max_tokens=request.max_tokens)
-        if conv:
-            self.kv.save(tier, backend, conv, gen.prompt_tokens)
+        settled = self.kv.save(tier, backend, conv, gen.prompt_tokens) if conv else None
         cost = self.memory.costs[tier]
         if gen.prompt_tokens or gen.completion_tokens:
             atp = cost.joules(gen.prompt_tokens, gen.completion_tokens, gen.cached_tokens)
         else:
             atp = cost.joules_from_seconds(gen.seconds)
+        if settled:  # the answer's KV re-evaluated as a batch before it was stored: a prefill
+            atp += cost.joules(settled, 0)
         if "atp_joules" in gen.extra:  # a recorded source that fixes its own cost (RouteLLM: 0 / 1)
             atp = float(gen.extra["atp_joules"])
         grader = get_grader(request.grader) if request.grader else None
