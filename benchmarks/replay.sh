@@ -23,7 +23,7 @@ mkdir -p "$OUT"
 args() {  # the recording and the simulate flags of a run
   case $1 in
     gsm8k_random)               echo "$DATA/routellm/gsm8k --policy random --sweep $K --shuffle 0 --seeds 10" ;;
-    gsm8k_dreamroute_fileorder) echo "$DATA/routellm/gsm8k --policy dreamroute --sweep $K" ;;
+    gsm8k_dreamroute_fileorder) echo "$DATA/routellm/gsm8k --policy dreamroute --sweep $K --seeds 3" ;;
     gsm8k_dreamroute_shuffled)  echo "$DATA/routellm/gsm8k --policy dreamroute --sweep $K --shuffle 0 --seeds 3" ;;
     local_dreamroute)           echo "$DATA/local_tiers/gsm8k_test_outcomes.jsonl --policy dreamroute --sweep $K --shuffle 0 --seeds 3" ;;
     local_cascade)              echo "$DATA/local_tiers/gsm8k_test_outcomes.jsonl --policy cascade --sweep $K" ;;

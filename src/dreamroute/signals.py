@@ -80,25 +80,30 @@ class ExperienceIndex:
         self.tier = np.zeros(0, dtype=np.int16)
         self.outcome = np.zeros(0, dtype=np.float32)
         self.atp = np.zeros(0, dtype=np.float32)
+        # False for rows observed only because a cheaper tier's answer looked wrong (escalations):
+        # a biased sample of the tier, left out of its p̂
+        self.direct = np.zeros(0, dtype=bool)
         self.ids = np.zeros(0, dtype=np.int64)
         self.outcome_version = 0  # bumped when a stored outcome changes (feedback)
 
     def __len__(self) -> int:
         return len(self.tier)
 
-    def add(self, vec: sp.csr_matrix, tier: int, outcome: float, atp: float, exp_id: int = -1) -> int:
+    def add(self, vec: sp.csr_matrix, tier: int, outcome: float, atp: float, exp_id: int = -1,
+            direct: bool = True) -> int:
         """Append one experience; returns its row."""
         self._tail.append(vec)
         self._tail_stack = None
         self.tier = np.append(self.tier, np.int16(tier))
         self.outcome = np.append(self.outcome, np.float32(outcome))
         self.atp = np.append(self.atp, np.float32(atp))
+        self.direct = np.append(self.direct, bool(direct))
         self.ids = np.append(self.ids, np.int64(exp_id))
         if len(self._tail) >= self.merge_every:
             self._merge()
         return len(self.tier) - 1
 
-    def add_many(self, vecs: sp.csr_matrix, tiers, outcomes, atp, ids) -> None:
+    def add_many(self, vecs: sp.csr_matrix, tiers, outcomes, atp, ids, direct=None) -> None:
         """Bulk append (used when rebuilding from the store)."""
         if vecs.shape[0] == 0:
             return
@@ -108,6 +113,8 @@ class ExperienceIndex:
         self.tier = np.concatenate([self.tier, np.asarray(tiers, dtype=np.int16)])
         self.outcome = np.concatenate([self.outcome, np.asarray(outcomes, dtype=np.float32)])
         self.atp = np.concatenate([self.atp, np.asarray(atp, dtype=np.float32)])
+        self.direct = np.concatenate([self.direct, np.ones(len(tiers), dtype=bool) if direct is None
+                                      else np.asarray(direct, dtype=bool)])
         self.ids = np.concatenate([self.ids, np.asarray(ids, dtype=np.int64)])
 
     def set_outcome(self, row: int, outcome: float) -> None:

@@ -258,7 +258,9 @@ class Engine:
         for c, o, eid in zip(answer.calls, outcomes, ids):
             ti = mem.tier_index[c.tier]
             value = OUTCOME_VALUE.get(o.outcome, math.nan)
-            mem.exp_rows[eid] = mem.index.add(vec, ti, value, c.atp, eid)
+            mem.exp_rows[eid] = mem.index.add(vec, ti, value, c.atp, eid, direct=c.role != "escalated")
+            if c.role != "escalated" and o.outcome in OUTCOME_VALUE and c.model_version_id is not None:
+                mem.direct_trust.observe(c.model_version_id, answer.decision.context, value)
             mem.tier_stats[c.tier].add(len(req.prompt), c.generation.prompt_tokens, c.atp)
             if c.role != "audit" and o.outcome in OUTCOME_VALUE:
                 mem.calibration.add(ti, c.confidence, value)

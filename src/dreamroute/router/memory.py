@@ -202,6 +202,9 @@ class Memory:
         self.encoder = FeatureEncoder()
         self.index = ExperienceIndex(self.encoder.n_features)
         self.trust = TrustBook((config.prior_alpha, config.prior_beta), config.forgetting)
+        # the same Beta posteriors over direct outcomes only (first calls and audits, decided before
+        # any answer was seen): what p̂ shrinks toward (see DreamroutePolicy.estimates)
+        self.direct_trust = TrustBook((config.prior_alpha, config.prior_beta), config.forgetting)
         self.surprise = {t: SurpriseStats() for t in self.tiers}
         self.tier_stats = {t: TierStats() for t in self.tiers}
         self.calibration = ConfidenceCalibration(len(self.tiers))
@@ -223,14 +226,15 @@ class Memory:
                 self.trust.set(row.model_version_id, row.context, TrustState(row.alpha, row.beta, row.count))
         cols = ["id", "prompt", "tier", "model_version_id", "outcome", "prompt_tokens", "atp_joules",
                 "confidence", "surprise", "role", "response", "predicted", "mean_logprob", "request_id",
-                "surprise_tier"]
+                "surprise_tier", "context"]
         rows = [r for r in store.experiences(cols) if r["model_version_id"] in by_version]
         if not rows:
             return
         vecs = self.encoder.encode_many([r["prompt"] for r in rows])
         tiers = [self.tier_index[by_version[r["model_version_id"]]] for r in rows]
         outcomes = [OUTCOME_VALUE.get(r["outcome"], math.nan) for r in rows]
-        self.index.add_many(vecs, tiers, outcomes, [r["atp_joules"] or 0.0 for r in rows], [r["id"] for r in rows])
+        self.index.add_many(vecs, tiers, outcomes, [r["atp_joules"] or 0.0 for r in rows], [r["id"] for r in rows],
+                            [r["role"] != "escalated" for r in rows])
         prev = None  # (request id, tier index, answer features) of the row before
         for i, r in enumerate(rows):
             self.exp_rows[r["id"]] = i
@@ -238,6 +242,8 @@ class Memory:
             self.tier_stats[tier].add(len(r["prompt"]), r["prompt_tokens"], r["atp_joules"] or 0.0)
             if r["role"] != "audit" and r["outcome"] in OUTCOME_VALUE:
                 self.calibration.add(self.tier_index[tier], r["confidence"], OUTCOME_VALUE[r["outcome"]])
+            if r["role"] != "escalated" and r["outcome"] in OUTCOME_VALUE:
+                self.direct_trust.observe(r["model_version_id"], r["context"], OUTCOME_VALUE[r["outcome"]])
             feats = None
             if r["response"]:
                 feats = answer_features(r["prompt"], r["response"], r["predicted"], r["confidence"],
@@ -258,7 +264,9 @@ class Memory:
 
     # ---- querying -------------------------------------------------------------------
     def neighbourhood(self, vec: sp.csr_matrix) -> Neighbourhood:
-        """k nearest experiences with a known outcome, overall and per tier."""
+        """k nearest experiences with a known outcome, overall (for instability) and per tier
+        (for p̂ and expected ATP; direct calls only: an escalation's outcome was observed because
+        a cheaper tier's answer looked wrong, a harder-than-typical sample of the tier)."""
         k = self.config.k
         sims = self.index.similarities(vec)
         if len(sims) == 0:
@@ -273,7 +281,8 @@ class Memory:
         key = (len(self.index), self.index.outcome_version)
         if self._rows_cache is None or self._rows_cache[0] != key:
             known = ~np.isnan(self.index.outcome)
-            per_tier = [np.flatnonzero(known & (self.index.tier == i)) for i in range(len(self.tiers))]
+            direct = known & self.index.direct
+            per_tier = [np.flatnonzero(direct & (self.index.tier == i)) for i in range(len(self.tiers))]
             self._rows_cache = (key, np.flatnonzero(known), per_tier)
         return self._rows_cache[1], self._rows_cache[2]
 
@@ -362,3 +371,7 @@ class Memory:
 
     def trust_state(self, tier: str, context: str) -> TrustState:
         return self.trust.get(self.versions[tier], context)
+
+    def direct_trust_state(self, tier: str, context: str) -> TrustState:
+        """Trust of the tier in the context from direct outcomes only (first calls and audits)."""
+        return self.direct_trust.get(self.versions[tier], context)

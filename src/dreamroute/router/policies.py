@@ -125,7 +125,11 @@ class DreamroutePolicy(_Base):
     """The trust router (DESIGN.md steps 3–6).
 
     For each tier t: the neighbours give s_t successes in m_t trials among
-    its k nearest experiences; the context trust Beta(α, β) gives θ_t. The
+    its k nearest direct experiences; the context trust Beta(α, β) over
+    direct outcomes gives θ_t. Direct means decided before any answer was
+    seen (first calls, audits): an escalation is observed only when a
+    cheaper tier's answer looked wrong, a harder-than-typical sample that
+    would bias p̂ down; it teaches the conditional answer judges instead. The
     posterior P(success | x, t) ~ Beta(1 + s_t + w·θ_t, 1 + m_t − s_t + w(1 − θ_t))
     with w = ``shrinkage`` pseudo-observations; p̂_t is its mean, and a
     Thompson draw of it (θ_t itself drawn from the trust posterior) is what
@@ -161,7 +165,7 @@ class DreamroutePolicy(_Base):
         w = self.config.shrinkage
         out = {}
         for t in self.tiers:
-            st = view.memory.trust_state(t, view.signals.context)
+            st = view.memory.direct_trust_state(t, view.signals.context)
             theta = st.sample(self.rng) if sample else st.mean
             s, m = view.memory.neighbour_counts(view.hood, t)
             a, b = 1.0 + s + w * theta, 1.0 + (m - s) + w * (1.0 - theta)
