@@ -203,3 +203,28 @@ def test_run_sends_conversations_and_resumes_mid_conversation(tmp_path):
     first = b3["tactical"].calls[0]
     assert [m["role"] for m in first] == ["user", "assistant", "user"]
     assert first[0]["content"] == "Say hi" and first[1]["content"] == "fine"
+
+
+def test_full_disk_and_foreign_state_during_a_conversation(tmp_path, monkeypatch):
+    settings = scripted_settings(tmp_path)
+    with DreamRoute(settings, policy="always:tactical", backends=_chat_backends()) as dr:
+        real_fsync = os.fsync
+
+        def full(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(os, "fsync", full)
+        a1 = dr.complete([{"role": "user", "content": "Hello there"}], conversation_id="c1")
+        assert a1.text and any("free disk space" in e for e in dr.kv.errors)
+        assert dr.store.count_experiences() == 1                    # the turn itself was stored
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        dr.complete([{"role": "user", "content": "Hello there"}], conversation_id="c1")
+        # a state of another model placed where tactical's should be
+        src = dr.kv.cache.path("sha-tactical", "c1")
+        other = dr.kv.cache.path("sha-sensory", "c1")
+        dr.kv.cache.put("sha-sensory", "c1", "sensory", dr.backends["sensory"].save_state(), 0, 0)
+        src.write_bytes(other.read_bytes())
+        dr.backends["tactical"].reset()
+        msgs = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": a1.text},
+                {"role": "user", "content": "Again"}]
+        a2 = dr.complete(msgs, conversation_id="c1")
+        assert a2.text and not a2.kv_restored and "belongs to model" in a2.kv["tactical"].reason

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -192,36 +193,28 @@ def distill_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_topk_ids: t
         pos = present.any(-1) & mask
         n_kd = int(pos.sum())
         if n_kd:
-            # rows without teacher data become a harmless uniform placeholder; they are masked below
-            t_lp = torch.where(pos.unsqueeze(-1), t_lp, torch.zeros_like(t_lp))
-            p = torch.softmax(t_lp / temperature, dim=-1)
-            log_p = torch.log_softmax(t_lp / temperature, dim=-1)
-            log_q = torch.log_softmax(s_logits / temperature, dim=-1).gather(-1, t_ids)
-            per_pos = (torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))).sum(-1)
-            kl = (per_pos * pos).sum() / n_kd * temperature ** 2
+            lp_t = t_lp[pos] / temperature  # [N, k]; each row has at least one finite entry
+            p, log_p = torch.softmax(lp_t, -1), torch.log_softmax(lp_t, -1)
+            log_q = torch.log_softmax(s_logits[pos] / temperature, -1).gather(-1, t_ids[pos])
+            kl = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1).mean() * temperature ** 2
     loss = ce + kl_weight * kl
     return loss, {"ce": float(ce.detach()), "kl": float(kl.detach()), "n_tokens": n_tok, "n_kd": n_kd}
 
 
 def collate(encoded: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad encoded examples into a batch (labels -100, attention 0, teacher -inf on padding)."""
-    T = max(len(e["input_ids"]) for e in encoded)
+    """Right-pad encoded examples into a batch [B, T(, k)] (labels -100, attention 0, teacher -inf on padding)."""
+    def pad(key: str, value: float, fill=None) -> torch.Tensor:
+        rows = [e[key] if key in e else fill(e) for e in encoded]
+        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
+
+    batch = {"input_ids": pad("input_ids", pad_id), "labels": pad("labels", IGNORE_INDEX),
+             "attention_mask": pad("attention_mask", 0)}
     k = max((e["teacher_topk_ids"].shape[1] for e in encoded if "teacher_topk_ids" in e), default=0)
-    B = len(encoded)
-    batch = {"input_ids": torch.full((B, T), pad_id, dtype=torch.long),
-             "labels": torch.full((B, T), IGNORE_INDEX, dtype=torch.long),
-             "attention_mask": torch.zeros((B, T), dtype=torch.long)}
     if k:
-        batch["teacher_topk_ids"] = torch.zeros((B, T, k), dtype=torch.long)
-        batch["teacher_topk_logprobs"] = torch.full((B, T, k), float("-inf"))
-    for b, e in enumerate(encoded):
-        n = len(e["input_ids"])
-        for name in ("input_ids", "labels", "attention_mask"):
-            batch[name][b, :n] = e[name]
-        if k and "teacher_topk_ids" in e:
-            kk = e["teacher_topk_ids"].shape[1]
-            batch["teacher_topk_ids"][b, :n, :kk] = e["teacher_topk_ids"]
-            batch["teacher_topk_logprobs"][b, :n, :kk] = e["teacher_topk_logprobs"]
+        batch["teacher_topk_ids"] = pad("teacher_topk_ids", 0, lambda e: torch.zeros(len(e["input_ids"]), k,
+                                                                                  dtype=torch.long))
+        batch["teacher_topk_logprobs"] = pad("teacher_topk_logprobs", float("-inf"),
+                                             lambda e: torch.full((len(e["input_ids"]), k), float("-inf")))
     return batch
 
 
@@ -258,7 +251,8 @@ def _fingerprint(model, examples: Sequence[Example], cfg: DreamConfig) -> str:
     h = hashlib.sha256(json.dumps({k: v for k, v in cfg.to_dict().items() if k not in skip}, sort_keys=True).encode())
     h.update(type(model).__name__.encode())
     for ex in examples:
-        h.update(json.dumps([ex.key, ex.messages, ex.response, ex.teacher_topk is not None]).encode())
+        teacher = None if ex.teacher_topk is None else _teacher_rows(ex.teacher_topk, cfg.kl_top_k)
+        h.update(json.dumps([ex.key, ex.messages, ex.response, teacher]).encode())
     return h.hexdigest()
 
 
@@ -273,7 +267,7 @@ def _save_checkpoint(ckpt_dir: Path, model, optimizer, state: dict[str, Any]) ->
     final = ckpt_dir / f"{CKPT_PREFIX}{step:08d}"
     tmp = ckpt_dir / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "adapter")
+    model.save_pretrained(tmp / "adapter", save_embedding_layers=False)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -304,7 +298,8 @@ def train_lora(model, tokenizer, train_examples: Sequence[Example], config: Drea
                progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train a LoRA adapter on ``train_examples`` (resuming from ``out_dir`` if a checkpoint is there).
 
-    ``model`` (a transformers causal LM, or a peft ``PeftModel`` already wrapped) is
+    One process (CPU or one accelerator); ``model`` (a transformers causal LM, or a peft
+    ``PeftModel`` already wrapped) is
     wrapped in place with a LoRA adapter (``config.lora_*``, task CAUSAL_LM, LoRA
     weights in fp32), then trained with AdamW for ``ceil(n / (batch_size × grad_accum))``
     steps per epoch, where n is ``len(train_examples)`` capped by ``max_examples`` (the
@@ -346,7 +341,9 @@ def train_lora(model, tokenizer, train_examples: Sequence[Example], config: Drea
         lcfg = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=list(config.target_modules), task_type="CAUSAL_LM", bias="none")
         try:
-            model = get_peft_model(model, lcfg)
+            with warnings.catch_warnings():  # peft calls a transformers API that v5 renamed
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                model = get_peft_model(model, lcfg)
         except ValueError as e:
             raise ConfigError(f"cannot attach LoRA to target_modules={list(config.target_modules)}: {e}; "
                               "name linear layers that exist in the student (e.g. q_proj,v_proj).") from e
@@ -418,7 +415,7 @@ def train_lora(model, tokenizer, train_examples: Sequence[Example], config: Drea
     adapter_dir = out_dir / "adapter"
     tmp = out_dir / f".tmp-adapter-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    inner.save_pretrained(tmp)
+    inner.save_pretrained(tmp, save_embedding_layers=False)
     shutil.rmtree(adapter_dir, ignore_errors=True)
     os.replace(tmp, adapter_dir)
     model.eval()

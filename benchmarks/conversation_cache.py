@@ -1,0 +1,98 @@
+"""Reality cache end to end: MT-Bench conversations, interleaved, with and without the cache.
+
+    DREAMROUTE_THREADS=1 .venv/bin/python benchmarks/conversation_cache.py --n 10 \
+        --json benchmarks/results/conversation_cache.json
+
+The first N two-turn conversations of MT-Bench's question.jsonl are answered by one
+tier (``always:TIER``, default tactical), all first turns, then all second turns, as
+a server sees interleaved users: by the time a conversation's second turn arrives,
+the backend's KV holds another conversation. Run twice in one process, from empty
+stores: with the reality cache, and without (cache disabled). Per second turn:
+TTFT (prefill_s: template, tokenizing, prompt evaluation, first token; restoring a
+state from disk is included in the with-cache figure), prompt tokens evaluated, ATP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from dreamroute import DreamRoute
+from dreamroute.config import load_settings
+from dreamroute.eval.workloads import load_workload
+
+MT_BENCH = Path(__file__).resolve().parents[1].parent / "shared/data/routellm/mt_bench/question.jsonl"
+
+
+def conversations(n: int) -> list[tuple[str, list[str]]]:
+    by: dict[str, list[str]] = {}
+    for it in load_workload(MT_BENCH).items:
+        by.setdefault(it.meta["conversation"], []).append(it.prompt)
+    return list(by.items())[:n]
+
+
+def run(convs, tier: str, cache: bool, max_tokens: int, root: Path) -> dict:
+    settings = load_settings(None)  # the machine's data dir: its bench calibration prices ATP
+    settings = settings.model_copy(update={"cache": settings.cache.model_copy(
+        update={"enabled": cache, "dir": root / "kv"})})
+    out = []
+    t0 = time.perf_counter()
+    with DreamRoute(settings, db=root / "s.db", policy=f"always:{tier}") as dr:
+        history = {cid: [] for cid, _ in convs}
+        for k in range(2):
+            for cid, turns in convs:
+                msgs = history[cid] + [{"role": "user", "content": turns[k]}]
+                ans = dr.complete(msgs, conversation_id=cid, max_tokens=max_tokens)
+                history[cid] = msgs + [{"role": "assistant", "content": ans.text}]
+                g = ans.final.generation
+                r = ans.kv.get(tier)
+                out.append({"conversation": cid, "turn": k, "prompt_tokens": g.prompt_tokens,
+                            "evaluated_tokens": g.prompt_tokens - g.cached_tokens,
+                            "ttft_s": g.prefill_s + (r.seconds if r and r.hit else 0.0),
+                            "restored": bool(r and r.hit), "atp_joules": ans.atp, "text": ans.text})
+        cache_counts = dict(dr.kv.counts) if dr.kv else None
+    second = [o for o in out if o["turn"] == 1]
+    return {"cache": cache, "wall_s": time.perf_counter() - t0, "kv": cache_counts,
+            "second_turn": {"n": len(second), "restored": sum(o["restored"] for o in second),
+                            "ttft_s_mean": statistics.mean(o["ttft_s"] for o in second),
+                            "ttft_s_median": statistics.median(o["ttft_s"] for o in second),
+                            "prompt_tokens_mean": statistics.mean(o["prompt_tokens"] for o in second),
+                            "evaluated_tokens_mean": statistics.mean(o["evaluated_tokens"] for o in second),
+                            "atp_joules_mean": statistics.mean(o["atp_joules"] for o in second)},
+            "turns": out}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=10)
+    ap.add_argument("--tier", default="tactical")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    convs = conversations(a.n)
+    res = {"tier": a.tier, "conversations": len(convs), "max_tokens": a.max_tokens}
+    for cache in (True, False):
+        with tempfile.TemporaryDirectory(prefix="dreamroute-conv-") as d:
+            res["with_cache" if cache else "without_cache"] = run(convs, a.tier, cache, a.max_tokens, Path(d))
+    w, wo = res["with_cache"]["second_turn"], res["without_cache"]["second_turn"]
+    res["same_second_turn_answers"] = sum(
+        x["text"] == y["text"] for x, y in zip(res["with_cache"]["turns"], res["without_cache"]["turns"])
+        if x["turn"] == 1)
+    print(f"{len(convs)} MT-Bench conversations on {a.tier}, second turns (interleaved):")
+    print("| | TTFT mean s | TTFT median s | prompt tokens | evaluated tokens | ATP J/turn | restored |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in (("with cache", w), ("without cache", wo)):
+        print(f"| {name} | {r['ttft_s_mean']:.2f} | {r['ttft_s_median']:.2f} | {r['prompt_tokens_mean']:.0f} "
+              f"| {r['evaluated_tokens_mean']:.0f} | {r['atp_joules_mean']:.1f} | {r['restored']}/{r['n']} |")
+    print(f"identical second-turn answers: {res['same_second_turn_answers']}/{w['n']}")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
