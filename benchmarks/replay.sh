@@ -26,6 +26,8 @@ args() {  # the recording and the simulate flags of a run
     gsm8k_dreamroute_fileorder) echo "$DATA/routellm/gsm8k --policy dreamroute --sweep $K --seeds 3" ;;
     gsm8k_dreamroute_shuffled)  echo "$DATA/routellm/gsm8k --policy dreamroute --sweep $K --shuffle 0 --seeds 3" ;;
     local_dreamroute)           echo "$DATA/local_tiers/gsm8k_test_outcomes.jsonl --policy dreamroute --sweep $K --shuffle 0 --seeds 3" ;;
+    # the target setting: budget = 0.85 × always-specialized's mean ATP on these items (146.81 J)
+    local_dreamroute_budget085) echo "$DATA/local_tiers/gsm8k_test_outcomes.jsonl --policy dreamroute --budget 124.79 --shuffle 0 --seeds 3" ;;
     local_cascade)              echo "$DATA/local_tiers/gsm8k_test_outcomes.jsonl --policy cascade --sweep $K" ;;
     mmlu_dreamroute_fileorder)  echo "$DATA/routellm/mmlu --policy dreamroute --sweep ${K_MMLU:-6}" ;;
     mmlu_random)                echo "$DATA/routellm/mmlu --policy random --sweep 3 --shuffle 0 --seeds ${SEEDS_MMLU_RANDOM:-10}" ;;
@@ -46,9 +48,9 @@ run() {  # name
 for what in "$@"; do
   case $what in
     gsm8k) for r in gsm8k_random gsm8k_dreamroute_fileorder gsm8k_dreamroute_shuffled; do run $r; done ;;
-    local) for r in local_dreamroute local_cascade; do run $r; done ;;
+    local) for r in local_dreamroute local_dreamroute_budget085 local_cascade; do run $r; done ;;
     mmlu)  for r in mmlu_dreamroute_fileorder mmlu_random mmlu_dreamroute_shuffled; do run $r; done ;;
-    all)   for r in gsm8k_random gsm8k_dreamroute_fileorder gsm8k_dreamroute_shuffled local_dreamroute \
+    all)   for r in gsm8k_random gsm8k_dreamroute_fileorder gsm8k_dreamroute_shuffled local_dreamroute local_dreamroute_budget085 \
                     local_cascade mmlu_dreamroute_fileorder mmlu_random mmlu_dreamroute_shuffled; do run $r; done ;;
     *)     run "$what" ;;
   esac

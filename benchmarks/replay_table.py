@@ -27,6 +27,8 @@ def main() -> None:
                   f"| {pct(p['cpt50'])} | {pct(p['cpt80'])} | - | - |")
         for f in sorted(OUT.glob(f"{data}_*.json")):
             r = json.loads(f.read_text())
+            if "apgr" not in r:
+                continue  # a single setting: in the table below
             order = "file" if r.get("shuffle") is None else f"shuffled from seed {r['shuffle']}"
             name = r["policy"].split(":")[0]
             print(f"| {data} ({r['n']} items) | {r['policy']} | {order} | {r['seeds']} | {r['apgr']:.3f} "
@@ -34,5 +36,23 @@ def main() -> None:
                   f"| {(CALLS_CHEAPEST_LOCAL if data == 'local' else CALLS_WEAK_EVERY_ITEM).get(name, '?')} |")
 
 
+def single_settings() -> None:
+    rows = [json.loads(f.read_text()) for f in sorted(OUT.glob("*.json"))]
+    rows = [r for r in rows if "apgr" not in r]
+    if not rows:
+        return
+    print()
+    print("| data | router | budget | order | seeds | accuracy | ATP vs top tier | accuracy vs top tier | oracle |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        top = r["singles"][r["tiers"][-1]]
+        frac = r["atp_joules"] / r["top_atp_joules"]
+        order = "file" if r.get("shuffle") is None else f"shuffled from seed {r['shuffle']}"
+        print(f"| {r['recording']} ({r['n']} items) | {r['policy']} | {r['budget']} | {order} | {r['seeds']} "
+              f"| {100 * r['accuracy']:.1f}% | {100 * frac:.1f}% | {100 * r['accuracy'] / top['accuracy']:.1f}% "
+              f"| {100 * r['oracle']['accuracy']:.1f}% at {100 * r['oracle']['cost_fraction']:.1f}% |")
+
+
 if __name__ == "__main__":
     main()
+    single_settings()

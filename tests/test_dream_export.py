@@ -96,6 +96,58 @@ def test_unsupported_architecture_and_missing_files(tmp_path):
         export_gguf_lora(tmp_path, tmp_path / "nope.gguf", tmp_path / "out.gguf")
 
 
+def _write_base(path, arch="llama"):
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, val in (("block_count", 1), ("attention.head_count", 2), ("attention.head_count_kv", 1)):
+        w.add_uint32(f"{arch}.{key}", val)
+    for name, rows in (("attn_q", 8), ("attn_k", 4), ("attn_v", 4)):  # head_dim 4, hidden 8
+        w.add_tensor(f"blk.0.{name}.weight", np.zeros((rows, 8), dtype=np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_layout_scale_folding_and_permutation_on_a_synthetic_base(tmp_path, arch):
+    """A save_pretrained-style directory (rsLoRA, two ranks) on a hand-made base GGUF: names, shapes,
+    alpha, B scaled so that llama.cpp's alpha / r equals peft's scale per module, q/k rows permuted for llama."""
+    import gguf
+    from safetensors.numpy import save_file
+
+    _write_base(tmp_path / "base.gguf", arch)
+    rng = np.random.default_rng(0)
+    ranks = {"q_proj": 4, "k_proj": 4, "v_proj": 2}
+    rows = {"q_proj": 8, "k_proj": 4, "v_proj": 4}
+    weights = {}
+    for m, r in ranks.items():
+        pre = f"base_model.model.model.layers.0.self_attn.{m}"
+        weights[f"{pre}.lora_A.weight"] = rng.normal(size=(r, 8)).astype(np.float32)
+        weights[f"{pre}.lora_B.weight"] = rng.normal(size=(rows[m], r)).astype(np.float32)
+    adir = tmp_path / "adapter"
+    adir.mkdir()
+    save_file(weights, str(adir / "adapter_model.safetensors"))
+    (adir / "adapter_config.json").write_text(
+        '{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_rslora": true, "rank_pattern": {"v_proj": 2}}')
+    out = export_gguf_lora(adir, tmp_path / "base.gguf", tmp_path / "lora.gguf")
+
+    r = gguf.GGUFReader(str(out))
+    t = {x.name: np.array(x.data) for x in r.tensors}
+    alpha = export_mod._field(r, "adapter.lora.alpha")
+    assert alpha == pytest.approx(8 / 2 * 4)  # first module: peft scale alpha / sqrt(r) = 4, times r
+    for m, gname in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v")):
+        a = weights[f"base_model.model.model.layers.0.self_attn.{m}.lora_A.weight"]
+        b = weights[f"base_model.model.model.layers.0.self_attn.{m}.lora_B.weight"]
+        ga, gb = t[f"blk.0.{gname}.weight.lora_a"], t[f"blk.0.{gname}.weight.lora_b"]
+        assert ga.shape == a.shape and gb.shape == b.shape
+        peft_delta = (8 / np.sqrt(ranks[m])) * b @ a                 # what peft adds to W (HF row order)
+        cpp_delta = (alpha / ranks[m]) * gb @ ga                      # what llama.cpp adds (GGUF row order)
+        if arch == "llama" and m != "v_proj":
+            heads = 2 if m == "q_proj" else 1
+            peft_delta = peft_delta[rope_row_permutation(rows[m], heads)]
+        assert np.allclose(cpp_delta, peft_delta, atol=1e-5), m
+    assert export_mod._field(r, "general.type") == "adapter"
+
+
 # ----------------------------------------------------------------------------- real models
 
 @pytest.mark.model
@@ -135,21 +187,35 @@ def test_exported_adapter_matches_transformers(tier, arch, tmp_path, monkeypatch
 
 @pytest.mark.model
 def test_adapter_dir_export_and_unmapped_module(tmp_path):
-    """The save_pretrained directory exports like the model; an lm_head LoRA on tied embeddings is refused."""
+    """The save_pretrained directory exports like the model; a small adapter checks out when amplified;
+    an lm_head LoRA on tied embeddings is refused."""
     from peft import LoraConfig, get_peft_model
 
     from dreamroute.dream.train import load_student
 
     base = tier_gguf("sensory")
-    model, _ = load_student(base)
+    model, tok = load_student(base)
     pm = random_lora(model)
-    pm.save_pretrained(tmp_path / "adapter")
+    pm.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
     a = export_gguf_lora(pm, base, tmp_path / "from-model.gguf")
     b = export_gguf_lora(tmp_path / "adapter", base, tmp_path / "from-dir.gguf")
     import gguf
     ra, rb = gguf.GGUFReader(str(a)), gguf.GGUFReader(str(b))
     ta, tb = ({t.name: np.array(t.data) for t in r.tensors} for r in (ra, rb))
     assert ta.keys() == tb.keys() and all(np.allclose(ta[k], tb[k]) for k in ta)
+
+    # a small adapter (B std 0.04) is checked by amplifying it 10x in both engines; scales are restored
+    from peft.tuners.lora import LoraLayer
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.1)
+    small = export_gguf_lora(pm, base, tmp_path / "small.gguf")
+    scales = [m.scaling["default"] for m in pm.modules() if isinstance(m, LoraLayer)]
+    corr = logit_delta_correlation(base, small, pm, tok, PROMPTS, amplify=10)
+    print(f"\nsensory: small adapter, amplified 10x: correlation {corr:.4f}")
+    assert corr >= 0.98
+    assert [m.scaling["default"] for m in pm.modules() if isinstance(m, LoraLayer)] == scales
 
     head = get_peft_model(pm.unload(), LoraConfig(r=4, target_modules=["lm_head"], task_type="CAUSAL_LM"))
     with pytest.raises(UnmappedModuleError, match="lm_head.*output.weight"):

@@ -64,8 +64,9 @@ class Example:
 @dataclass
 class TrainResult:
     """What :func:`train_lora` did: optimiser ``steps`` in total, training ``wall_s``
-    (seconds, summed over resumed runs), per-step mean ``losses``, the directory of the
-    saved adapter, and the step this call resumed from (0: fresh start)."""
+    (seconds, summed over resumed runs), per-step mean ``losses`` (and their KL parts),
+    the directory of the saved adapter, the step this call resumed from (0: fresh start)
+    and the trained peft ``model`` (``PeftModel``; the base model passed in was wrapped in place)."""
 
     steps: int
     wall_s: float
@@ -73,6 +74,7 @@ class TrainResult:
     adapter_dir: Path
     resumed_from: int = 0
     kl_losses: list[float] = field(default_factory=list)
+    model: Any = field(default=None, repr=False)
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -298,10 +300,9 @@ def train_lora(model, tokenizer, train_examples: Sequence[Example], config: Drea
                progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train a LoRA adapter on ``train_examples`` (resuming from ``out_dir`` if a checkpoint is there).
 
-    One process (CPU or one accelerator); ``model`` (a transformers causal LM, or a peft
-    ``PeftModel`` already wrapped) is
-    wrapped in place with a LoRA adapter (``config.lora_*``, task CAUSAL_LM, LoRA
-    weights in fp32), then trained with AdamW for ``ceil(n / (batch_size × grad_accum))``
+    Runs in one process (CPU, or one GPU when ``accelerate`` finds it). ``model``, a
+    transformers causal LM, is wrapped in place with a LoRA adapter (``config.lora_*``,
+    task CAUSAL_LM, LoRA weights in fp32; a ``PeftModel`` passed in is used as it is), then trained with AdamW for ``ceil(n / (batch_size × grad_accum))``
     steps per epoch, where n is ``len(train_examples)`` capped by ``max_examples`` (the
     first ones are used). Data order, LoRA init and dropout are seeded by ``config.seed``.
     Every ``checkpoint_every`` steps and at the end, ``out_dir/checkpoints/step-NNNNNNNN``
@@ -420,7 +421,7 @@ def train_lora(model, tokenizer, train_examples: Sequence[Example], config: Drea
     os.replace(tmp, adapter_dir)
     model.eval()
     return TrainResult(steps=total, wall_s=wall, losses=list(losses), adapter_dir=adapter_dir,
-                       resumed_from=start, kl_losses=list(kl_losses))
+                       resumed_from=start, kl_losses=list(kl_losses), model=inner)
 
 
 def load_student(source: str | Path, *, dtype: torch.dtype = torch.float32, tokenizer_source: str | Path | None = None):
