@@ -8,8 +8,9 @@ tier (``always:TIER``, default tactical), all first turns, then all second turns
 a server sees interleaved users: by the time a conversation's second turn arrives,
 the backend's KV holds another conversation. Run twice in one process, from empty
 stores: with the reality cache, and without (cache disabled). Per second turn:
-TTFT (prefill_s: template, tokenizing, prompt evaluation, first token; restoring a
-state from disk is included in the with-cache figure), prompt tokens evaluated, ATP.
+TTFT as the user sees it (restoring the state, scoring the turn's surprise, which
+for a follow-up is the prefill of its new tokens, and the answer's own prefill to
+its first token), prompt tokens evaluated, ATP.
 """
 
 from __future__ import annotations
@@ -50,9 +51,13 @@ def run(convs, tier: str, cache: bool, max_tokens: int, root: Path) -> dict:
                 history[cid] = msgs + [{"role": "assistant", "content": ans.text}]
                 g = ans.final.generation
                 r = ans.kv.get(tier)
+                # time to first token as the user sees it: the restore, the surprise scoring (which
+                # for a follow-up is the prefill of its new tokens) and the answer's own prefill
+                scored = ans.surprise_s if ans.surprise_tier == tier else 0.0
                 out.append({"conversation": cid, "turn": k, "prompt_tokens": g.prompt_tokens,
-                            "evaluated_tokens": g.prompt_tokens - g.cached_tokens,
-                            "ttft_s": g.prefill_s + (r.seconds if r and r.hit else 0.0),
+                            "evaluated_tokens": g.prompt_tokens - g.cached_tokens + (
+                                g.prompt_tokens - r.tokens if r and r.hit and scored else 0),
+                            "ttft_s": g.prefill_s + scored + (r.seconds if r else 0.0),
                             "restored": bool(r and r.hit), "atp_joules": ans.atp, "text": ans.text})
         cache_counts = dict(dr.kv.counts) if dr.kv else None
     second = [o for o in out if o["turn"] == 1]

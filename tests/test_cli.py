@@ -119,3 +119,22 @@ def test_real_run_on_sensory_and_malformed_line_keeps_earlier_results(tmp_path):
         assert all(x["tier"] == "sensory" and x["prompt_tokens"] > 0 and x["completion_tokens"] > 0
                    and x["atp_joules"] > 0 and x["outcome"] in ("success", "failure") for x in rows)
         assert s.verify_ledger().ok
+
+
+def test_cache_ls_stats_clear(tmp_path, monkeypatch):
+    from dreamroute.cache.reality import RealityCache
+
+    monkeypatch.setenv("DREAMROUTE_DATA_DIR", str(tmp_path))
+    c = RealityCache(tmp_path / "kv")
+    c.put("id-a", "conv-1", "tactical", bytes(1000), 10, 6)
+    c.put("id-b", "conv-2", "sensory", bytes(500), 5, 3)
+    r = runner.invoke(app, ["cache", "stats", "--json"])
+    assert r.exit_code == 0, r.output
+    st = json.loads(r.output)
+    assert st["entries"] == 2 and st["tokens"] == 15 and set(st["by_tier"]) == {"tactical", "sensory"}
+    r = runner.invoke(app, ["cache", "ls"])
+    assert r.exit_code == 0 and "conv-1" in r.output and "conv-2" in r.output
+    r = runner.invoke(app, ["cache", "clear", "--conversation", "conv-1"])
+    assert r.exit_code == 0 and "deleted 1" in r.output
+    assert [e.conversation for e in c.entries()] == ["conv-2"]
+    assert runner.invoke(app, ["cache", "clear"]).exit_code == 0 and c.entries() == []

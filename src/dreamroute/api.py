@@ -92,6 +92,9 @@ class DreamRoute:
         identities = {t: backends[t].identity for t in tiers}
         versions = {t.name: self.store.ensure_model_version(t.name, identities[t.name], t.model)
                     for t in self.settings.tiers}
+        for tier, v in self.store.active_versions().items():  # a promoted DREAM adapter is served
+            if tier in backends and v.adapter_path and hasattr(backends[tier], "use_adapter"):
+                backends[tier].use_adapter(v.adapter_path)
         self.memory = Memory(tiers, self.settings.router, tier_costs(self.settings, self.store, identities))
         self.memory.load(self.store, versions)
         self.pacer = BudgetPacer(budget, self.settings.router.lambda_rate, self.settings.router.lambda_init,

@@ -78,7 +78,9 @@ class LlamaBackend:
             raise BackendError(f"tier {tier.name!r}: model file {self.model_path} does not exist; "
                                "run `dreamroute models fetch`")
         sha = tier.source.sha256 if tier.source is not None else None
-        self.identity: str = sha or sha256_file(self.model_path)
+        self.base_identity: str = sha or sha256_file(self.model_path)
+        self.identity: str = self.base_identity
+        self.lora_path: Path | None = None
         self.n_threads = tier.n_threads or os.cpu_count() or 1
         self.load_s: float | None = None
         self._llm = None
@@ -120,6 +122,7 @@ class LlamaBackend:
             llm = Llama(model_path=str(self.model_path), n_ctx=self.tier.n_ctx,
                         n_batch=self.tier.n_batch, n_threads=self.n_threads,
                         n_threads_batch=self.n_threads, seed=self.seed,
+                        lora_path=str(self.lora_path) if self.lora_path else None,
                         logits_all=False, verbose=False)
         except Exception as e:
             raise self._err(f"cannot load {self.model_path}", e) from e
@@ -140,6 +143,24 @@ class LlamaBackend:
         llm.eval = counting_eval
         self._llm = llm
         self.load_s = time.perf_counter() - t0
+
+    def use_adapter(self, lora_path: str | Path | None) -> None:
+        """Serve the base model with a GGUF LoRA adapter (a DREAM version), or without (None).
+
+        The identity becomes ``<base sha256>+lora:<adapter sha256[:16]>``, so KV states and
+        calibration made with one adapter are never used with another. The model reloads
+        on the next call.
+
+        Raises:
+            BackendError: the adapter file does not exist.
+        """
+        if lora_path is not None and not Path(lora_path).is_file():
+            raise BackendError(f"tier {self.tier.name!r}: LoRA adapter {lora_path} does not exist; "
+                               "roll back with `dreamroute dream rollback` or restore the file")
+        self.close()
+        self.lora_path = Path(lora_path) if lora_path is not None else None
+        self.identity = (self.base_identity if self.lora_path is None
+                         else f"{self.base_identity}+lora:{sha256_file(self.lora_path)[:16]}")
 
     def close(self) -> None:
         """Free the model and its KV cache; the next call loads it again."""

@@ -183,7 +183,7 @@ class Engine:
         if decision.audit and up < len(self.tiers) and self.pacer.allows(sum(c.atp for c in calls)):
             calls.append(self._call(self.tiers[up], "audit", request))
         answer = Answer(request, decision, calls, surprise_atp, surprise_tier=surprise_tier,
-                        kv=dict(self._restored))
+                        surprise_s=surprise_s, kv=dict(self._restored))
         answer._vec = vec  # kept for learn()
         return answer
 

@@ -101,11 +101,15 @@ class AnswerJudge:
         self._y: list[list[float]] = [[] for _ in range(n_tiers)]
         self._since = [0] * n_tiers
         self._model: list[tuple | None] = [None] * n_tiers
+        self._seen = [0] * n_tiers  # observations ever added (keys the caches below)
+        self._fits = [0] * n_tiers
+        self._recent: dict[tuple, np.ndarray] = {}
 
     def add(self, tier: int, features: np.ndarray, outcome: float, refit: bool = True) -> None:
         """One graded answer of ``tier`` (outcome 1.0 success / 0.0 failure)."""
         self._x[tier].append(np.asarray(features, dtype=float))
         self._y[tier].append(float(outcome))
+        self._seen[tier] += 1
         if len(self._x[tier]) > 2 * self.window:  # keep memory bounded
             del self._x[tier][: self.window]
             del self._y[tier][: self.window]
@@ -128,6 +132,11 @@ class AnswerJudge:
             clf = LogisticRegression(C=self.C, max_iter=300).fit((x - mu) / sd, y)
         self._model[tier] = (mu, sd, clf.coef_[0].copy(), float(clf.intercept_[0]))
         self._since[tier] = 0
+        self._fits[tier] += 1
+
+    def state_key(self, tier: int) -> tuple[int, int]:
+        """(observations seen, refits) of a tier: changes whenever its predictions may."""
+        return self._seen[tier], self._fits[tier]
 
     def fitted(self, tier: int) -> bool:
         return self._model[tier] is not None
@@ -139,8 +148,12 @@ class AnswerJudge:
 
     def base_rate(self, tier: int) -> float:
         """The tier's success rate over the judge's window (Laplace-smoothed)."""
-        y = self._y[tier][-self.window:]
-        return (sum(y) + 1.0) / (len(y) + 2.0)
+        key = (tier, self._seen[tier])
+        if key not in self._recent:
+            y = self._y[tier][-self.window:]
+            self._recent = {k: v for k, v in self._recent.items() if not (len(k) == 2 and k[0] == tier)}
+            self._recent[key] = (sum(y) + 1.0) / (len(y) + 2.0)
+        return self._recent[key]
 
     def combine(self, tier: int, prior, judged):
         """P(success | x, answer) from the router's item prior p̂(x) and the judge's P(success | answer),
@@ -167,4 +180,8 @@ class AnswerJudge:
         of what its next answer may look like."""
         if not self._x[tier]:
             return np.zeros((0, len(FEATURES)))
-        return np.vstack(self._x[tier][-n:])
+        key = (tier, n, self._seen[tier])
+        if key not in self._recent:  # rebuilt once per new observation, not per routing decision
+            self._recent = {k: v for k, v in self._recent.items() if k[0] != tier or k[1] != n}
+            self._recent[key] = np.vstack(self._x[tier][-n:])
+        return self._recent[key]

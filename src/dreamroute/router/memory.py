@@ -210,6 +210,7 @@ class Memory:
         self.calibration = ConfidenceCalibration(len(self.tiers))
         self.judge = AnswerJudge(len(self.tiers))
         self.next_judge = AnswerJudge(len(self.tiers))  # slot t: tier t+1's success given t's answer
+        self._judgements: dict[int, tuple] = {}
         self.versions: dict[str, int] = {}
         self.conversations: dict[str, sp.csr_matrix] = {}
         self.serving: dict[str, str] = {}  # conversation → the tier that answered its last turn
@@ -349,6 +350,18 @@ class Memory:
             now = self.calibration.adjust(i, call.confidence, prior)
         return now, nxt
 
+    def recent_judgements(self, i: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Both judges' predictions on tier i's latest answers: (P(success | a) by ``judge``,
+        P(next succeeds | a) by ``next_judge``), None where a judge has no model. Cached until
+        either judge learns or refits (a routing decision needs them for every tier)."""
+        key = (i, self.judge.state_key(i), self.next_judge.state_key(i))
+        hit = self._judgements.get(i)
+        if hit is None or hit[0] != key:
+            x = self.judge.recent_features(i)
+            hit = (key, self.judge.predict_many(i, x), self.next_judge.predict_many(i, x))
+            self._judgements[i] = hit
+        return hit[1], hit[2]
+
     def next_given(self, i: int, prior_next: float, judged_next: np.ndarray) -> np.ndarray:
         """The next tier's P(success | x, tier i's answer) for answers whose ``next_judge``
         predictions are ``judged_next``: p̂_next(x) + q(a) − mean q over tier i's recent answers.
@@ -361,7 +374,7 @@ class Memory:
         (values are not clipped to [0, 1], which would break that equality; the router
         only compares them).
         """
-        recent = self.next_judge.predict_many(i, self.judge.recent_features(i))
+        _, recent = self.recent_judgements(i)
         centre = float(recent.mean()) if recent is not None and len(recent) else float(judged_next.mean())
         return prior_next + judged_next - centre  # not clipped: only differences and maxima are used
 

@@ -187,9 +187,8 @@ class DreamroutePolicy(_Base):
         """
         mem = view.memory
         if mem.judge.fitted(i):
-            x = mem.judge.recent_features(i)
-            p_a = mem.judge.combine(i, p_t, mem.judge.predict_many(i, x))
-            q = mem.next_judge.predict_many(i, x)
+            judged, q = mem.recent_judgements(i)
+            p_a = mem.judge.combine(i, p_t, judged)
             alt = (mem.next_given(i, p_next, q) if q is not None else p_next) - price_next
             return float(np.maximum(p_a, alt).mean()), float((alt > p_a).mean())
         alternative = p_next - price_next

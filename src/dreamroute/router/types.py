@@ -118,6 +118,7 @@ class Answer:
     surprise_atp: float = 0.0
     outcomes: list["Outcome"] | None = None  # set once judged (DreamRoute.complete)
     surprise_tier: str | None = None  # the tier whose log-likelihood gave the surprise
+    surprise_s: float = 0.0  # seconds of surprise scoring (for a follow-up: the new tokens' prefill)
     kv: dict = field(default_factory=dict)  # tier → cache.reuse.Restore, for conversation turns
 
     @property
