@@ -101,7 +101,7 @@ def test_upgrade_from_oldest_schema_keeps_rows(tmp_path):
     assert sqlite_rows(path, "SELECT COUNT(*) FROM sqlite_master WHERE name = 'ix_experiences_tier'") == [(0,)]
 
     with Store(path) as s:
-        assert s.applied_migrations == [2, 3]
+        assert s.applied_migrations == [v for v, _, _ in MIGRATIONS[1:]]
         assert s.count_experiences() == 1
         assert s.experiences()[0]["surprise_tier"] is None
         assert s.record_background("prefill", "sensory", 100, 2.5, 0.4, model_version_id=1) == 1

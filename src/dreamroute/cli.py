@@ -364,6 +364,11 @@ def models_fetch(config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt)
         console.print(f"[green]ok[/] {name}: {path}")
 
 
+from .cli_dream import dream_app  # noqa: E402  (it imports the helpers above)
+
+app.add_typer(dream_app, name="dream")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -64,6 +64,12 @@ class DreamConfig:
             (0.02 = 2 percentage points); in [0, 1).
         max_regression: largest accuracy drop (fraction, 0.02 = 2 percentage
             points) allowed on the general regression set; in [0, 1].
+        regression_items: generated arithmetic problems (levels 1–5, equal shares) in the
+            general regression set, graded; integer ≥ 0.
+        perplexity_prompts: MT-Bench first-turn questions whose perplexity under the
+            student is part of the regression check; integer ≥ 0.
+        max_perplexity_increase: largest relative rise of that perplexity allowed
+            (0.05 = 5 %); ≥ 0.
         device: where training runs: ``"auto"`` (a GPU when present, else CPU),
             ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
 
@@ -93,6 +99,9 @@ class DreamConfig:
     min_examples: int = field(default=20, metadata={"help": "Fewest training examples for a cycle (≥ 1)."})
     promote_margin: float = field(default=0.0, metadata={"help": "Held-out accuracy gain needed, fraction [0, 1)."})
     max_regression: float = field(default=0.02, metadata={"help": "Regression-set accuracy loss allowed, [0, 1]."})
+    regression_items: int = field(default=30, metadata={"help": "Generated problems in the regression set (≥ 0)."})
+    perplexity_prompts: int = field(default=40, metadata={"help": "MT-Bench questions for perplexity (≥ 0)."})
+    max_perplexity_increase: float = field(default=0.05, metadata={"help": "Relative perplexity rise allowed (≥ 0)."})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps."})
 
     def __post_init__(self) -> None:
@@ -131,6 +140,9 @@ class DreamConfig:
              hint="it is a fraction of questions: 0.02 means 2 percentage points")
         _num("max_regression", self.max_regression, lo=0, hi=1,
              hint="it is a fraction of questions: 0.02 means 2 percentage points")
+        _int("regression_items", self.regression_items, lo=0)
+        _int("perplexity_prompts", self.perplexity_prompts, lo=0)
+        _num("max_perplexity_increase", self.max_perplexity_increase, lo=0)
         if not isinstance(self.device, str) or not _DEVICE_RE.match(self.device):
             raise ConfigError(
                 f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}.")

@@ -5,7 +5,8 @@ one that has shipped, add the next number instead. ``schema.py`` describes
 the result of all of them. Migration 1 creates the tables; migration 2 adds
 the lookup indexes and the model-version uniqueness index; migration 3 adds
 ``experiences.surprise_tier`` (which tier's log-likelihood the surprise is)
-and the ``background_work`` table (idle-time prefills and their ATP).
+and the ``background_work`` table (idle-time prefills and their ATP);
+migration 4 adds ``dream_cycles`` (each consolidation cycle's stage and results).
 
 ``migrate(engine)`` records each applied migration in
 ``_migrations(version, name, applied_at)``; every migration runs in its own
@@ -127,10 +128,23 @@ def _m003_kv_cache(conn: Connection) -> None:
         "run_id INTEGER REFERENCES runs (id), created_at VARCHAR(40) NOT NULL)")
 
 
+def _m004_dream_cycles(conn: Connection) -> None:
+    """dream_cycles: one row per consolidation cycle, its stage, work directory and results."""
+    conn.exec_driver_sql(
+        "CREATE TABLE dream_cycles ("
+        "id INTEGER NOT NULL PRIMARY KEY, student VARCHAR(100) NOT NULL, teacher VARCHAR(100) NOT NULL, "
+        "base_version_id INTEGER NOT NULL REFERENCES model_versions (id), "
+        "version_id INTEGER REFERENCES model_versions (id), status VARCHAR(20) NOT NULL, "
+        "stage VARCHAR(40) NOT NULL, workdir TEXT NOT NULL, config TEXT NOT NULL, result TEXT NOT NULL, "
+        "created_at VARCHAR(40) NOT NULL, updated_at VARCHAR(40) NOT NULL, "
+        "CONSTRAINT ck_dream_cycles_status CHECK (status IN ('running','promoted','rejected','failed')))")
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial tables", _m001_initial),
     (2, "indexes", _m002_indexes),
     (3, "kv cache: surprise tier, background work", _m003_kv_cache),
+    (4, "dream cycles", _m004_dream_cycles),
 ]
 
 

@@ -160,6 +160,23 @@ background_work = Table(                              # migration 3
     Column("created_at", String(40), nullable=False),
 )
 
+dream_cycles = Table(                                 # migration 4
+    "dream_cycles", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("student", String(100), nullable=False),
+    Column("teacher", String(100), nullable=False),
+    Column("base_version_id", Integer, ForeignKey("model_versions.id"), nullable=False),
+    Column("version_id", Integer, ForeignKey("model_versions.id")),   # the candidate, once exported
+    Column("status", String(20), nullable=False),
+    Column("stage", String(40), nullable=False),       # the last stage completed
+    Column("workdir", Text, nullable=False),
+    Column("config", Text, nullable=False),            # canonical JSON of the DreamConfig
+    Column("result", Text, nullable=False),            # canonical JSON, filled stage by stage
+    Column("created_at", String(40), nullable=False),
+    Column("updated_at", String(40), nullable=False),
+    CheckConstraint("status IN ('running','promoted','rejected','failed')", name="ck_dream_cycles_status"),
+)
+
 calibration = Table(
     "calibration", metadata,
     Column("identity", String(300), primary_key=True),

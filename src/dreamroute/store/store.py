@@ -179,6 +179,57 @@ class Store:
                 raise StoreError(f"no model version {version_id} in {self.url}")
             self._set_status(conn, row, status, witnesses, reason, T.utc_now())
 
+    def promote_version(self, version_id: int, trust_updates: list[TrustUpdate], *, witnesses: list[str],
+                        reason: str) -> None:
+        """Activate a candidate (the tier's active version is retired) and set its starting trust,
+        in ONE transaction: serving and trust change together or not at all. Ledger:
+        ``model.activate`` then one ``trust.update`` per row. Raises StoreError."""
+        with self._write() as conn:
+            row = conn.execute(select(T.model_versions).where(T.model_versions.c.id == version_id)).first()
+            if row is None:
+                raise StoreError(f"no model version {version_id} in {self.url}")
+            self._set_status(conn, row, "active", witnesses, reason, T.utc_now())
+            self._apply_trust(conn, trust_updates, [], T.utc_now())
+
+    # -- dream cycles -------------------------------------------------------------------------
+    def start_cycle(self, student: str, teacher: str, base_version_id: int, workdir: str, config: dict) -> int:
+        """A new ``running`` DREAM cycle row; returns its id."""
+        now = T.utc_now()
+        with self._write() as conn:
+            return conn.execute(insert(T.dream_cycles).values(
+                student=student, teacher=teacher, base_version_id=base_version_id, status="running",
+                stage="started", workdir=workdir, config=canonical_json(config), result="{}",
+                created_at=now, updated_at=now)).inserted_primary_key[0]
+
+    def update_cycle(self, cycle_id: int, *, stage: str | None = None, status: str | None = None,
+                     result: dict | None = None, version_id: int | None = None) -> None:
+        """Record a cycle's progress (the stage just completed, its results so far)."""
+        values: dict[str, Any] = {"updated_at": T.utc_now()}
+        if stage is not None:
+            values["stage"] = stage
+        if status is not None:
+            values["status"] = status
+        if result is not None:
+            values["result"] = canonical_json(result)
+        if version_id is not None:
+            values["version_id"] = version_id
+        with self._write() as conn:
+            conn.execute(update(T.dream_cycles).where(T.dream_cycles.c.id == cycle_id).values(**values))
+
+    def cycles(self, *, student: str | None = None, status: str | None = None) -> list[dict]:
+        """DREAM cycles (newest first) as dicts, ``config`` and ``result`` parsed."""
+        c = T.dream_cycles
+        stmt = select(c).order_by(c.c.id.desc())
+        if student is not None:
+            stmt = stmt.where(c.c.student == student)
+        if status is not None:
+            stmt = stmt.where(c.c.status == status)
+        with self._read() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(stmt)]
+        for r in rows:
+            r["config"], r["result"] = json.loads(r["config"]), json.loads(r["result"])
+        return rows
+
     def active_versions(self) -> dict[str, ModelVersion]:
         """tier -> its active ModelVersion."""
         mv = T.model_versions

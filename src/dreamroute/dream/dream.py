@@ -1,0 +1,349 @@
+"""One DREAM consolidation cycle (the trainer of the pair ``dream_config.py`` / ``dream.py``).
+
+plan → labels → train → export → evaluate → decide, each stage recorded in the
+store's ``dream_cycles`` row and the cycle's work directory as it completes, so
+a cycle stopped anywhere (a killed process, the end of a session) continues
+where it was when run again with the same student and teacher. Nothing reaches
+serving before the gate passes: the exported adapter becomes a ``candidate``
+model version; only :meth:`Dreamer.decide` activates it, and it does so in one
+transaction with the new version's starting trust (from its validation
+results, never copied from the old version), ledgered with its witnesses.
+``rollback`` reactivates the version a promoted one was trained from.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from ..errors import DreamrouteError
+from ..eval.generated import generate_problems
+from ..eval.graders import get_grader, parse_number
+from ..store.schema import TrustUpdate
+from ..trust import TrustState
+from .dream_config import DreamConfig
+from .select import Plan, ReplayItem, plan_replay
+
+STAGES = ("started", "plan", "labels", "train", "export", "evaluate", "decided")
+MT_BENCH = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "routellm" / "mt_bench" / "question.jsonl"
+
+
+class DreamError(DreamrouteError):
+    """A cycle cannot run (too few examples, tiers that cannot be distilled) or a stage failed."""
+
+
+def item_grader(item: ReplayItem) -> tuple[str, str | None]:
+    """(grader, reference) for a held-out item: its gold answer (numeric → ``gsm8k``, else ``exact``),
+    else the teacher's own final answer (a witnessed success) under the ``gsm8k`` grader when numeric."""
+    if item.gold is not None:
+        return ("gsm8k" if parse_number(item.gold) is not None else "exact"), item.gold
+    ref = get_grader("gsm8k").extract(item.response)
+    return ("gsm8k", ref) if ref is not None else ("exact", item.response.strip())
+
+
+class Dreamer:
+    """Runs (or resumes) one consolidation cycle of ``student`` from ``teacher``.
+
+    Args:
+        settings: the hierarchy (tiers resolve to GGUF files).
+        store: an open Store (the experiences to replay; versions, trust, ledger, cycles).
+        config: :class:`DreamConfig`.
+        student / teacher: tier names (teacher: a bigger tier).
+        backends: tier → llama backend, to reuse loaded models (built from settings if absent).
+        console: where progress goes.
+        perplexity_source: a conversation JSONL whose first turns measure perplexity (default:
+            MT-Bench's question.jsonl in ``shared/data`` next to the repository, when present).
+    """
+
+    def __init__(self, settings, store, config: DreamConfig, *, student: str, teacher: str,
+                 backends: dict | None = None, console: Console | None = None,
+                 perplexity_source: str | Path | None = None):
+        names = settings.tier_names
+        for t in (student, teacher):
+            settings.tier(t)
+        if names.index(teacher) <= names.index(student):
+            raise DreamError(f"the teacher ({teacher}) must be a bigger tier than the student ({student}); "
+                             f"tiers cheapest first: {', '.join(names)}")
+        self.settings, self.store, self.config = settings, store, config
+        self.student, self.teacher = student, teacher
+        self.backends = dict(backends or {})
+        self.console = console or Console(stderr=True)
+        self.perplexity_source = Path(perplexity_source) if perplexity_source else MT_BENCH
+        self.cycle: dict | None = None
+
+    # ------------------------------------------------------------------ cycle bookkeeping
+    def _backend(self, tier: str):
+        if tier not in self.backends:
+            from ..backends import make_backend
+            self.backends[tier] = make_backend(self.settings.tier(tier), self.settings)
+        return self.backends[tier]
+
+    def base_version(self) -> int:
+        b = self._backend(self.student)
+        return self.store.ensure_model_version(self.student, b.base_identity if hasattr(b, "base_identity")
+                                               else b.identity, self.settings.tier(self.student).model)
+
+    def open_cycle(self) -> dict:
+        """The running cycle for this student, teacher and base version, or a new one."""
+        base = self.base_version()
+        for c in self.store.cycles(student=self.student, status="running"):
+            if c["teacher"] == self.teacher and c["base_version_id"] == base:
+                self.cycle = c
+                self.console.print(f"resuming DREAM cycle {c['id']} after stage {c['stage']!r}")
+                return c
+        root = self.settings.data_dir / "dream"
+        cid = self.store.start_cycle(self.student, self.teacher, base, str(root / "pending"),
+                                     self.config.to_dict())
+        workdir = root / f"cycle-{cid}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        with self.store._write() as conn:  # the work directory is named after the id
+            from sqlalchemy import update
+
+            from ..store import schema as T
+            conn.execute(update(T.dream_cycles).where(T.dream_cycles.c.id == cid).values(workdir=str(workdir)))
+        self.cycle = self.store.cycles(student=self.student, status="running")[0]
+        return self.cycle
+
+    @property
+    def workdir(self) -> Path:
+        return Path(self.cycle["workdir"])
+
+    def _done(self, stage: str) -> bool:
+        return STAGES.index(self.cycle["stage"]) >= STAGES.index(stage)
+
+    def _record(self, stage: str | None = None, **result) -> None:
+        """Store results so far and, when it is later than the last, the stage just completed."""
+        self.cycle["result"].update(result)
+        if stage is not None and STAGES.index(stage) <= STAGES.index(self.cycle["stage"]):
+            stage = None  # a resumed cycle repeating a cheap stage does not move backwards
+        if stage is not None:
+            self.cycle["stage"] = stage
+        self.store.update_cycle(self.cycle["id"], stage=stage, result=self.cycle["result"])
+
+    # ------------------------------------------------------------------ stages
+    def plan(self, max_examples: int | None = None) -> Plan:
+        """The replay set (see :func:`~dreamroute.dream.select.plan_replay`)."""
+        cap = max_examples if max_examples is not None else self.config.max_examples
+        return plan_replay(self.store, self.student, self.teacher, heldout_fraction=self.config.heldout_fraction,
+                           seed=self.config.seed, max_examples=cap)
+
+    def _plan_stage(self, max_examples: int | None) -> Plan:
+        path = self.workdir / "plan.json"
+        if self._done("plan") and path.exists():
+            d = json.loads(path.read_text())
+            return Plan(d["student"], d["teacher"], [ReplayItem(**x) for x in d["train"]],
+                        [ReplayItem(**x) for x in d["heldout"]], d["candidates"], d["student_failures"])
+        plan = self.plan(max_examples)
+        if len(plan.train) < self.config.min_examples:
+            raise DreamError(
+                f"only {len(plan.train)} training examples (teacher {self.teacher} answers judged correct, "
+                f"{len(plan.heldout)} more held out); a cycle needs {self.config.min_examples}. Route more "
+                f"graded requests to the teacher, e.g. `dreamroute run FILE --policy always:{self.teacher}`.")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**plan.summary(), "train": [i.__dict__ for i in plan.train],
+                                   "heldout": [i.__dict__ for i in plan.heldout]}))
+        tmp.replace(path)
+        self._record("plan", examples=len(plan.train), heldout=len(plan.heldout))
+        return plan
+
+    def _labels(self, plan: Plan) -> dict[str, dict]:
+        """Teacher top-k logprobs per training item (when the vocabularies are shared), resumable."""
+        from .labels import read_labels, shared_vocabulary, teacher_topk, write_labels
+        path = self.workdir / "labels.jsonl"
+        done = read_labels(path)
+        if self.config.kl_weight > 0 and not self._done("labels"):
+            t, s = self._backend(self.teacher), self._backend(self.student)
+            if shared_vocabulary(t, s):
+                for it in plan.train:
+                    if it.prompt_hash in done:
+                        continue
+                    _, ids, lps = teacher_topk(t, [{"role": "user", "content": it.prompt}], it.response,
+                                               self.config.kl_top_k)
+                    row = {"key": it.prompt_hash, "ids": ids, "logprobs": lps}
+                    write_labels(path, [row])
+                    done[it.prompt_hash] = row
+                t.close()
+            else:
+                self.console.print(f"{self.teacher} and {self.student} tokenize differently: "
+                                   "training on the teacher's answers without the KL term")
+        self._record("labels", teacher_logprobs=len(done))
+        return done
+
+    def _train(self, plan: Plan, labels: dict[str, dict]):
+        from .train import Example, load_student, train_lora
+        model, tok = load_student(self._backend(self.student).model_path)
+        examples = [Example([{"role": "user", "content": it.prompt}], it.response,
+                            (labels[it.prompt_hash]["ids"], labels[it.prompt_hash]["logprobs"])
+                            if it.prompt_hash in labels else None, it.prompt_hash) for it in plan.train]
+        res = train_lora(model, tok, examples, self.config, self.workdir / "train")
+        self._record("train", steps=res.steps, train_wall_s=res.wall_s,
+                     final_loss=res.losses[-1] if res.losses else None)
+        return res, tok
+
+    def _export(self, model, tok, plan: Plan) -> int:
+        from .export import export_gguf_lora, logit_delta_correlation
+        base = self._backend(self.student).model_path
+        out = self.workdir / "adapter.gguf"
+        export_gguf_lora(model, base, out)
+        prompts = [it.prompt for it in (plan.heldout or plan.train)[:3]]
+        corr = logit_delta_correlation(base, out, model, tok, prompts, amplify=10.0)
+        if corr < 0.98:
+            raise DreamError(f"the exported adapter does not reproduce the trained one in llama.cpp "
+                             f"(logit-change correlation {corr:.3f} < 0.98); not promoted")
+        b = self._backend(self.student)
+        vid = self.store.add_version(self.student, b.base_identity, f"{self.settings.tier(self.student).model} "
+                                     f"+ dream {self.cycle['id']}", adapter_path=str(out),
+                                     parent_id=self.cycle["base_version_id"],
+                                     witnesses=[f"dream:{self.cycle['id']}"], reason="exported adapter")
+        self.store.update_cycle(self.cycle["id"], version_id=vid)
+        self.cycle["version_id"] = vid
+        self._record("export", export_correlation=corr)
+        return vid
+
+    # ------------------------------------------------------------------ evaluation
+    def _accuracy(self, backend, items: list[tuple[str, str, str]]) -> tuple[float, list[bool]]:
+        right = []
+        for prompt, grader, ref in items:
+            g = backend.generate([{"role": "user", "content": prompt}], max_tokens=320)
+            right.append(bool(get_grader(grader).grade(g.text, ref).correct))
+        return (sum(right) / len(right) if right else float("nan")), right
+
+    def _perplexity(self, backend, prompts: list[str]) -> float:
+        import math
+        lps = []
+        for p in prompts:
+            lps += backend.score([{"role": "user", "content": p}])
+        return math.exp(-sum(lps) / len(lps)) if lps else float("nan")
+
+    def _eval_sets(self, plan: Plan):
+        """(held-out items, regression items, perplexity prompts): (prompt, grader, reference) triples
+        and MT-Bench first-turn questions."""
+        from ..eval.workloads import load_workload
+        held = [(it.prompt, *item_grader(it)) for it in plan.heldout]
+        reg = [(it.prompt, it.grader, it.answer)
+               for it in generate_problems(self.config.regression_items, seed=10_000 + self.config.seed)]
+        ppl: list[str] = []
+        if self.perplexity_source is not None and self.perplexity_source.exists() and self.config.perplexity_prompts:
+            ppl = [i.prompt for i in load_workload(self.perplexity_source).items if i.meta.get("turn") == 0]
+            ppl = ppl[: self.config.perplexity_prompts]
+        return held, reg, ppl
+
+    def _evaluate(self, plan: Plan) -> dict:
+        """Held-out and regression accuracy and perplexity, before (the base) and after (with the
+        adapter); each figure is recorded as soon as it is measured (a resumed cycle skips it)."""
+        held, reg, ppl = self._eval_sets(plan)
+        r = self.cycle["result"]
+        version = self.store.get_version(self.cycle["version_id"])
+        from ..backends import make_backend
+        for phase in ("before", "after"):
+            keys = [f"heldout_{phase}", f"regression_{phase}", f"perplexity_{phase}"]
+            if all(k in r for k in keys):
+                continue
+            b = make_backend(self.settings.tier(self.student), self.settings)
+            if phase == "after":
+                b.use_adapter(version.adapter_path)
+            try:
+                if keys[0] not in r:
+                    acc, right = self._accuracy(b, held)
+                    self._record(**{keys[0]: acc, f"heldout_right_{phase}": right})
+                if keys[1] not in r:
+                    self._record(**{keys[1]: self._accuracy(b, reg)[0]})
+                if keys[2] not in r:
+                    self._record(**{keys[2]: self._perplexity(b, ppl)})
+            finally:
+                b.close()
+        self._record("evaluate")
+        return self.cycle["result"]
+
+    # ------------------------------------------------------------------ gate
+    def decide(self, plan: Plan) -> bool:
+        """Promote the candidate if it beats the base on the held-out slice by ``promote_margin``
+        and loses at most ``max_regression`` accuracy and ``max_perplexity_increase`` perplexity on
+        the regression set; else reject it (kept on record). Returns whether it was promoted."""
+        r, cfg = self.cycle["result"], self.config
+        gain = r["heldout_after"] - r["heldout_before"]
+        loss = r["regression_before"] - r["regression_after"]
+        ppl_b, ppl_a = r.get("perplexity_before"), r.get("perplexity_after")
+        ppl_rise = (ppl_a / ppl_b - 1.0) if ppl_b and ppl_a and ppl_b == ppl_b and ppl_a == ppl_a else 0.0
+        reasons = []
+        if not gain > cfg.promote_margin - 1e-12 or gain <= 0:
+            reasons.append(f"held-out accuracy {r['heldout_before']:.3f} → {r['heldout_after']:.3f} "
+                           f"(needs a gain > {cfg.promote_margin:.3f})")
+        if loss > cfg.max_regression:
+            reasons.append(f"regression accuracy fell {loss:.3f} > {cfg.max_regression:.3f}")
+        if ppl_rise > cfg.max_perplexity_increase:
+            reasons.append(f"perplexity rose {100 * ppl_rise:.1f}% > {100 * cfg.max_perplexity_increase:.1f}%")
+        vid, witness = self.cycle["version_id"], f"dream:{self.cycle['id']}:validation"
+        if reasons:
+            self.store.set_version_status(vid, "rejected", witnesses=[witness], reason="; ".join(reasons))
+            self._record("decided", promoted=False, reasons=reasons)
+            self.store.update_cycle(self.cycle["id"], status="rejected")
+            return False
+        self.store.promote_version(vid, self._starting_trust(plan, vid), witnesses=[witness],
+                                   reason=f"held-out +{gain:.3f}, regression -{loss:.3f}")
+        self._record("decided", promoted=True, reasons=[])
+        self.store.update_cycle(self.cycle["id"], status="promoted")
+        return True
+
+    def _starting_trust(self, plan: Plan, vid: int) -> list[TrustUpdate]:
+        """Beta(prior + successes, prior + failures) of the new version's held-out answers, per
+        context of the experiences they came from (all contexts get the overall figure where
+        none was seen)."""
+        rights = self.cycle["result"].get("heldout_right_after", [])
+        ctx_of = {r["id"]: r["context"] for r in self.store.experiences(["id", "context"])}
+        counts: dict[str, list[int]] = {}
+        for it, ok in zip(plan.heldout, rights):
+            c = counts.setdefault(ctx_of.get(it.experience_id, "stable"), [0, 0])
+            c[0 if ok else 1] += 1
+        a0, b0 = self.settings.router.prior_alpha, self.settings.router.prior_beta
+        tot = [sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())]
+        out = []
+        for ctx in ("stable", "moving", "unstable", "novel"):
+            s, f = counts.get(ctx, tot)
+            st = TrustState(a0 + s, b0 + f, s + f)
+            out.append(TrustUpdate(vid, ctx, a0, b0, st.alpha, st.beta, st.count,
+                                   [f"dream:{self.cycle['id']}:validation"], "validation", None))
+        return out
+
+    # ------------------------------------------------------------------ the cycle
+    def run(self, *, max_examples: int | None = None, dry_run: bool = False) -> dict:
+        """Run or resume the cycle; returns the report (see ``dreamroute dream --json``)."""
+        t0 = time.perf_counter()
+        if dry_run:
+            plan = self.plan(max_examples)
+            return {"student": self.student, "teacher": self.teacher, "dry_run": True, **plan.summary()}
+        self.open_cycle()
+        plan = self._plan_stage(max_examples)
+        labels = self._labels(plan)
+        if not self._done("export"):
+            res, tok = self._train(plan, labels)
+            self._export(res.model, tok, plan)
+        if not self._done("evaluate"):
+            self._evaluate(plan)
+        promoted = self.decide(plan) if not self._done("decided") else self.cycle["result"]["promoted"]
+        r = self.cycle["result"]
+        r["wall_s"] = r.get("wall_s", 0.0) + time.perf_counter() - t0
+        self._record(None)
+        return {"student": self.student, "teacher": self.teacher, "cycle": self.cycle["id"],
+                "examples": r.get("examples"), "steps": r.get("steps"), "wall_s": r["wall_s"],
+                "heldout_accuracy": {"before": r.get("heldout_before"), "after": r.get("heldout_after")},
+                "regression_accuracy": {"before": r.get("regression_before"), "after": r.get("regression_after")},
+                "perplexity": {"before": r.get("perplexity_before"), "after": r.get("perplexity_after")},
+                "promoted": promoted, "version": self.cycle.get("version_id"), "reasons": r.get("reasons", [])}
+
+
+def rollback(store, tier: str) -> int:
+    """Reactivate the version the tier's active DREAM version was trained from; returns its id.
+
+    Raises:
+        DreamError: the active version is not a DREAM version (it has no parent).
+    """
+    active = store.active_versions().get(tier)
+    if active is None or active.parent_id is None:
+        raise DreamError(f"tier {tier!r} is serving its base model; there is no DREAM version to roll back")
+    store.set_version_status(active.parent_id, "active", witnesses=["user:rollback"],
+                             reason=f"rollback of version {active.id}")
+    return active.parent_id
