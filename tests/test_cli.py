@@ -138,3 +138,13 @@ def test_cache_ls_stats_clear(tmp_path, monkeypatch):
     assert r.exit_code == 0 and "deleted 1" in r.output
     assert [e.conversation for e in c.entries()] == ["conv-2"]
     assert runner.invoke(app, ["cache", "clear"]).exit_code == 0 and c.entries() == []
+
+
+def test_error_hints_keep_their_brackets(tmp_path):
+    """Rich markup must not eat a message's [..] (the conversation-record hint has some)."""
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"turns": [5]}\n')
+    r = runner.invoke(app, ["run", str(p), "--db", str(tmp_path / "s.db")])
+    assert r.exit_code == 2
+    assert '{"turns": [str |' in " ".join(r.output.split())
+

@@ -322,3 +322,11 @@ def test_escalation_outcomes_are_left_out_of_p_hat():
     hood = mem.neighbourhood(vec)
     assert mem.neighbour_counts(hood, "specialized") == (1.0, 1)
     assert len(hood.rows_all) == 2                              # instability still sees both
+
+
+def test_cascade_threshold_must_be_a_confidence():
+    from dreamroute.errors import ConfigError
+    for bad in ("cascade:2", "cascade:-0.1"):
+        with pytest.raises(ConfigError, match=r"in \[0, 1\]"):
+            make_policy(bad, TIERS, RouterConfig())
+    assert make_policy("cascade:0.6", TIERS, RouterConfig()).threshold == 0.6

@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .config import Settings, load_settings
@@ -38,7 +39,7 @@ def _errors(fn):
         try:
             return fn(*a, **kw)
         except DreamrouteError as e:
-            err.print(f"[bold red]error:[/] {type(e).__name__}: {e}")
+            err.print(f"[bold red]error:[/] {type(e).__name__}: {escape(str(e))}")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted; everything graded so far is stored (rerun to resume)[/]")
@@ -77,8 +78,8 @@ def _run_and_report(settings: Settings, spec: str, *, policy, budget, seed, limi
 
 @app.command()
 @_errors
-def run(workload: str = typer.Argument(..., help="GSM8K JSONL, generic JSONL (prompt, answer, grader) or builtin:arithmetic"),
-        limit: Optional[int] = typer.Option(None, help="Only the first N items."),
+def run(workload: str = typer.Argument(..., help="GSM8K JSONL, generic JSONL (prompt, answer, grader), conversation JSONL (turns) or builtin:arithmetic"),
+        limit: Optional[int] = typer.Option(None, min=0, help="Only the first N items (conversation turns count one each)."),
         policy: str = typer.Option("dreamroute", help="dreamroute | always:TIER | random[:P] | cascade[:T]"),
         budget: Optional[float] = typer.Option(None, min=0, help="Average ATP per request the run may spend, J."),
         seed: int = typer.Option(0, min=0, help="Seed of every random choice."),
@@ -129,7 +130,7 @@ def demo(n: int = typer.Option(40, min=1, help="Generated problems to route (lev
 @_errors
 def collect(workload: str = typer.Argument(..., help="Workload to record (as for run)."),
             tiers: Optional[list[str]] = typer.Option(None, "--tiers", help="Tiers to run (default: all)."),
-            limit: Optional[int] = typer.Option(None, help="Only the first N items."),
+            limit: Optional[int] = typer.Option(None, min=0, help="Only the first N items (conversation turns count one each)."),
             out: Path = typer.Option(..., "--out", help="Recorded-outcome JSONL to write (resumable)."),
             config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
     """Run every chosen tier on every item once and record the outcomes, for replay with `simulate`."""
@@ -281,10 +282,10 @@ def cache_stats(json_out: bool = typer.Option(False, "--json", help="Print JSON.
     if json_out:
         print(json.dumps(st, indent=2))
         return
-    console.print(f"{st['entries']} states, {st['bytes'] / 1e6:.1f} MB of {st['max_bytes'] / 1e6:.0f} MB, "
+    console.print(f"{st['entries']} state(s), {st['bytes'] / 1e6:.1f} MB of {st['max_bytes'] / 1e6:.0f} MB, "
                   f"{st['tokens']} tokens ({s.kv_dir})")
     for t, d in st["by_tier"].items():
-        console.print(f"  {t}: {d['entries']} states, {d['bytes'] / 1e6:.1f} MB")
+        console.print(f"  {t}: {d['entries']} state(s), {d['bytes'] / 1e6:.1f} MB")
 
 
 @cache_app.command("clear")
@@ -295,6 +296,9 @@ def cache_clear(conversation: Optional[str] = typer.Option(None, help="Only this
     from .cache.reality import RealityCache
     s = load_settings(config)
     n = RealityCache(s.kv_dir, s.cache.max_bytes).clear(conversation)
+    if conversation is not None and n == 0:
+        err.print(f"no stored state has conversation {escape(conversation)!r}; `dreamroute cache ls` lists them")
+        raise typer.Exit(1)
     console.print(f"deleted {n} state(s) from {s.kv_dir}")
 
 
@@ -329,7 +333,7 @@ def ledger_verify(config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt
         console.print(f"[green]ledger ok[/]: {rep.entries} entries, chain and trust table agree")
         return
     for p in rep.problems:
-        err.print(f"[red]✗[/] {p}")
+        err.print(f"[red]✗[/] {escape(str(p))}")
     err.print(f"[bold red]ledger verification failed[/]: {len(rep.problems)} problem(s) in {rep.entries} entries")
     raise typer.Exit(1)
 

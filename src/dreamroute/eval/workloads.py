@@ -287,6 +287,10 @@ def _generic_item(path: Path, lineno: int, index: int, record: dict[str, Any]) -
     fix = ("generic records need {\"prompt\": str} with optional \"answer\" (string or number), "
            "\"grader\" (string) and \"id\" (string or integer)")
     prompt = record.get("prompt")
+    if prompt is None and isinstance(record.get("question"), str) and "answer" in record:
+        _fail(path, lineno, "a 'question'/'answer' record whose answer has no '#### N' (read as GSM8K only "
+              "when the first record's answer ends in '#### N')",
+              "end each GSM8K answer with '#### N', or use generic records {\"prompt\": ..., \"answer\": ...}")
     if not isinstance(prompt, str) or not prompt.strip():
         what = "missing field 'prompt'" if prompt is None else "'prompt' must be a non-empty string"
         _fail(path, lineno, what, fix)

@@ -264,7 +264,10 @@ def make_policy(spec: str, tiers: list[str], config, *, seed: int = 0) -> Policy
         if name == "random":
             return RandomPolicy(tiers, float(arg) if arg else None, seed=seed)
         if name == "cascade":
-            return CascadePolicy(tiers, float(arg) if arg else config.escalate_below, seed=seed)
+            t = float(arg) if arg else config.escalate_below
+            if not 0.0 <= t <= 1.0:
+                raise ConfigError(f"cascade:T needs a confidence threshold T in [0, 1], got {arg}; e.g. cascade:0.6")
+            return CascadePolicy(tiers, t, seed=seed)
     except ValueError as e:
         raise ConfigError(f"policy {spec!r}: {e}; e.g. random:0.3 or cascade:0.6") from e
     raise ConfigError(f"unknown policy {spec!r}; use dreamroute, always:TIER ({', '.join(tiers)}), "
