@@ -31,7 +31,7 @@ args() {  # the recording and the simulate flags of a run
     local_cascade)              echo "$DATA/local_tiers/gsm8k_test_outcomes.jsonl --policy cascade --sweep $K" ;;
     mmlu_dreamroute_fileorder)  echo "$DATA/routellm/mmlu --policy dreamroute --sweep ${K_MMLU:-6}" ;;
     mmlu_random)                echo "$DATA/routellm/mmlu --policy random --sweep 3 --shuffle 0 --seeds ${SEEDS_MMLU_RANDOM:-10}" ;;
-    mmlu_dreamroute_shuffled)   echo "$DATA/routellm/mmlu --policy dreamroute --sweep ${K_MMLU:-6} --shuffle 0 --seeds 3" ;;
+    mmlu_dreamroute_shuffled)   echo "$DATA/routellm/mmlu --policy dreamroute --sweep ${K_MMLU:-6} --shuffle 0 --seeds ${SEEDS_MMLU:-3}" ;;
     *) echo "unknown run $1" >&2; exit 2 ;;
   esac
 }

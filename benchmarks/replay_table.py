@@ -9,8 +9,12 @@ PUBLISHED = {"mmlu": {"apgr": 0.603, "cpt50": 0.3540, "cpt80": 0.7031},
              "gsm8k": {"apgr": 0.622, "cpt50": 0.3364, "cpt80": 0.6326}}
 CALLS_WEAK_EVERY_ITEM = {"dreamroute": "yes (weak answers first when its cost is 0; escalation reads the weak answer)",
                          "random": "no", "cascade": "yes"}
+CALLS_WEAK_MMLU = {"dreamroute": "yes (its cost is 0; MMLU's recording has no response text, so the weak call "
+                                 "tells the router nothing before it commits)", "random": "no", "cascade": "yes"}
 CALLS_CHEAPEST_LOCAL = {"dreamroute": "no (the cheapest tier costs ATP here; decided per item)", "cascade": "yes",
                         "random": "no"}
+
+CALLS = {"local": CALLS_CHEAPEST_LOCAL, "mmlu": CALLS_WEAK_MMLU}
 
 
 def pct(v):
@@ -33,7 +37,7 @@ def main() -> None:
             name = r["policy"].split(":")[0]
             print(f"| {data} ({r['n']} items) | {r['policy']} | {order} | {r['seeds']} | {r['apgr']:.3f} "
                   f"| {pct(r['cpt']['50'])} | {pct(r['cpt']['80'])} | {r['aiq']:.3f} "
-                  f"| {(CALLS_CHEAPEST_LOCAL if data == 'local' else CALLS_WEAK_EVERY_ITEM).get(name, '?')} |")
+                  f"| {CALLS.get(data, CALLS_WEAK_EVERY_ITEM).get(name, '?')} |")
 
 
 def single_settings() -> None:
