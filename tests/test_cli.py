@@ -148,3 +148,13 @@ def test_error_hints_keep_their_brackets(tmp_path):
     assert r.exit_code == 2
     assert '{"turns": [str |' in " ".join(r.output.split())
 
+
+
+def test_tier_lora_adapter_must_exist(tmp_path):
+    gguf = sensory_gguf(tmp_path)
+    cfg = {"tiers": [{"name": "sensory", "model": "m", "source": {"gguf": str(gguf)}, "params_b": 0.135,
+                      "lora": str(tmp_path / "missing-adapter.gguf")}], "data_dir": str(tmp_path)}
+    p = tmp_path / "config.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    r = runner.invoke(app, ["run", "builtin:arithmetic?n=1", "--config", str(p), "--db", str(tmp_path / "s.db")])
+    assert r.exit_code == 2 and "missing-adapter.gguf does not exist" in " ".join(r.output.split())

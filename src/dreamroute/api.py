@@ -95,7 +95,9 @@ class DreamRoute:
         for tier, v in self.store.active_versions().items():  # a promoted DREAM adapter is served
             if tier in backends and v.adapter_path and hasattr(backends[tier], "use_adapter"):
                 backends[tier].use_adapter(v.adapter_path)
-        self.memory = Memory(tiers, self.settings.router, tier_costs(self.settings, self.store, identities))
+        # speed calibration describes the base model: an adapter (DREAM, config `lora:`) reuses it
+        base_ids = {t: getattr(backends[t], "base_identity", identities[t]) for t in tiers}
+        self.memory = Memory(tiers, self.settings.router, tier_costs(self.settings, self.store, base_ids))
         self.memory.load(self.store, versions)
         self.pacer = BudgetPacer(budget, self.settings.router.lambda_rate, self.settings.router.lambda_init,
                                  self.settings.router.pacing_horizon)

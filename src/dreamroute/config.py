@@ -76,6 +76,9 @@ class TierConfig(BaseModel):
             ``dreamroute bench`` has calibrated the tier.
         watts: power draw while computing, W (15 on CPU, DESIGN.md).
         n_ctx / n_threads / n_batch: llama.cpp context settings.
+        lora: a GGUF LoRA adapter served on the base model (``llama`` only), e.g. a DREAM
+            cycle's ``adapter.gguf`` evaluated before or without promotion; the tier's
+            identity becomes ``<base>+lora:<adapter sha256[:16]>``.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -92,9 +95,12 @@ class TierConfig(BaseModel):
     n_threads: int | None = None
     n_batch: int = Field(512, ge=8)
     timeout_s: float = Field(600.0, gt=0)
+    lora: Path | None = None
 
     @model_validator(mode="after")
     def _backend_fields(self) -> "TierConfig":
+        if self.lora is not None and self.backend != "llama":
+            raise ValueError(f"tier {self.name!r}: lora adapters need backend 'llama'")
         if self.backend == "llama" and self.source is None:
             raise ValueError(f"tier {self.name!r}: backend 'llama' needs a source (gguf, parts or hf_repo)")
         if self.backend == "openai" and not self.base_url:

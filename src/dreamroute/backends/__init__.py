@@ -30,6 +30,7 @@ def make_backend(tier: "TierConfig", settings: "Settings", *, seed: int = 0) -> 
 
     Raises:
         ModelFileError: a ``llama`` tier's weights cannot be resolved.
+        BackendError: its ``lora`` adapter file does not exist.
         ConfigError: a ``scripted`` tier, or an unknown backend.
     """
     if tier.backend == "llama":
@@ -40,7 +41,10 @@ def make_backend(tier: "TierConfig", settings: "Settings", *, seed: int = 0) -> 
         from .llama import LlamaBackend
 
         path = resolve_model(tier.source, settings.models_dir)
-        return LlamaBackend(tier, path, seed=seed)
+        backend = LlamaBackend(tier, path, seed=seed)
+        if tier.lora is not None:
+            backend.use_adapter(tier.lora)
+        return backend
     if tier.backend == "openai":
         from .openai_http import OpenAIBackend
 
