@@ -135,6 +135,7 @@ def test_too_few_examples_and_bad_tiers(tmp_path):
     with _store_with_teacher_answers(tmp_path, n=4) as s:
         with pytest.raises(DreamError, match="needs 5"):
             _dreamer(tmp_path, s).run()
+        assert s.cycles() == []                                  # nothing put on record
         assert s.active_versions()["tactical"].adapter_path is None
         settings = scripted_settings(tmp_path)
         with pytest.raises(DreamError, match="bigger tier"):

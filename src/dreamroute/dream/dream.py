@@ -130,18 +130,26 @@ class Dreamer:
         return plan_replay(self.store, self.student, self.teacher, heldout_fraction=self.config.heldout_fraction,
                            seed=self.config.seed, max_examples=cap)
 
+    def _running(self) -> bool:
+        base = self.base_version()
+        return any(c["teacher"] == self.teacher and c["base_version_id"] == base
+                   for c in self.store.cycles(student=self.student, status="running"))
+
+    def _check_plan(self, plan: Plan) -> Plan:
+        if len(plan.train) < self.config.min_examples:
+            raise DreamError(
+                f"only {len(plan.train)} training examples (teacher {self.teacher} answers judged correct, "
+                f"{len(plan.heldout)} more held out); a cycle needs {self.config.min_examples}. Route more "
+                f"graded requests to the teacher, e.g. `dreamroute run FILE --policy always:{self.teacher}`.")
+        return plan
+
     def _plan_stage(self, max_examples: int | None) -> Plan:
         path = self.workdir / "plan.json"
         if self._done("plan") and path.exists():
             d = json.loads(path.read_text())
             return Plan(d["student"], d["teacher"], [ReplayItem(**x) for x in d["train"]],
                         [ReplayItem(**x) for x in d["heldout"]], d["candidates"], d["student_failures"])
-        plan = self.plan(max_examples)
-        if len(plan.train) < self.config.min_examples:
-            raise DreamError(
-                f"only {len(plan.train)} training examples (teacher {self.teacher} answers judged correct, "
-                f"{len(plan.heldout)} more held out); a cycle needs {self.config.min_examples}. Route more "
-                f"graded requests to the teacher, e.g. `dreamroute run FILE --policy always:{self.teacher}`.")
+        plan = self._check_plan(self.plan(max_examples))
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({**plan.summary(), "train": [i.__dict__ for i in plan.train],
                                    "heldout": [i.__dict__ for i in plan.heldout]}))
@@ -321,6 +329,8 @@ class Dreamer:
         if dry_run:
             plan = self.plan(max_examples)
             return {"student": self.student, "teacher": self.teacher, "dry_run": True, **plan.summary()}
+        if not self._running():  # check there is enough to learn before a cycle is put on record
+            self._check_plan(self.plan(max_examples))
         self.open_cycle()
         plan = self._plan_stage(max_examples)
         labels = self._labels(plan)
