@@ -14,8 +14,8 @@ from typing import Any
 from .dream_config import DreamConfig
 
 _LAZY = {
-    "Example": "train", "TrainResult": "train", "TrainingError": "train", "encode_example": "train",
-    "distill_loss": "train", "train_lora": "train", "load_student": "train", "eval_loss": "train",
+    "Example": "data", "TrainResult": "train", "TrainingError": "data", "encode_example": "data",
+    "distill_loss": "data", "train_lora": "train", "load_student": "train", "eval_loss": "data",
     "export_gguf_lora": "export", "logit_delta_correlation": "export", "ExportError": "export",
     "UnsupportedArchitectureError": "export", "UnmappedModuleError": "export",
 }
