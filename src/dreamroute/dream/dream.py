@@ -91,6 +91,7 @@ class Dreamer:
         base = self.base_version()
         for c in self.store.cycles(student=self.student, status="running"):
             if c["teacher"] == self.teacher and c["base_version_id"] == base:
+                Path(c["workdir"]).mkdir(parents=True, exist_ok=True)  # a machine may have lost it
                 self.cycle = c
                 self.console.print(f"resuming DREAM cycle {c['id']} after stage {c['stage']!r}")
                 return c
