@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..backends.base import common_prefix
 from ..errors import CacheError
 
 MAGIC = b"DRRC1\n"
@@ -87,11 +88,7 @@ def restorable_prefix(stored: list, prompt: list, n_prompt: int) -> int:
     tokens, the prefix ends inside the answer and only the rest is evaluated; if an earlier
     turn changed, the prefix ends before ``n_prompt`` and the state is not used.
     """
-    n = 0
-    for a, b in zip(stored, prompt):
-        if a != b:
-            break
-        n += 1
+    n = common_prefix(stored, prompt)
     return n if n >= n_prompt and n > 0 else 0
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ..backends.base import Message
+from ..backends.base import Message, common_prefix
 from ..errors import BackendError, CacheError
 from .reality import RealityCache, restorable_prefix
 
@@ -151,7 +151,7 @@ class ConversationKV:
         try:
             prompt = backend.prompt_tokens(job.messages)
             # the part a next turn shares: the rendered conversation without the generation prompt
-            n_shared = _common(prompt, backend.prompt_tokens(job.messages + [{"role": "user", "content": "."}]))
+            n_shared = common_prefix(prompt, backend.prompt_tokens(job.messages + [{"role": "user", "content": "."}]))
             backend.score(job.messages, new_only=True)  # evaluates the tokens not yet held
         except BackendError as e:
             self._error(str(e))
@@ -160,11 +160,3 @@ class ConversationKV:
             return None
         return len(prompt) - r.tokens, time.perf_counter() - t0
 
-
-def _common(a: list, b: list) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -100,11 +100,7 @@ class Dreamer:
                                      self.config.to_dict())
         workdir = root / f"cycle-{cid}"
         workdir.mkdir(parents=True, exist_ok=True)
-        with self.store._write() as conn:  # the work directory is named after the id
-            from sqlalchemy import update
-
-            from ..store import schema as T
-            conn.execute(update(T.dream_cycles).where(T.dream_cycles.c.id == cid).values(workdir=str(workdir)))
+        self.store.update_cycle(cid, workdir=str(workdir))  # the work directory is named after the id
         self.cycle = self.store.cycles(student=self.student, status="running")[0]
         return self.cycle
 

@@ -93,13 +93,17 @@ class Engine:
         u = instability(self.memory.index.outcome[hood.rows_all]) if len(hood.rows_all) else 0.0
         d = drift(vec, prev)
         surprise, z, atp, secs, tier = None, None, 0.0, 0.0, None
-        follow_up = bool(self.kv and request.conversation_id and request.turn > 0)
+        follow_up = self._follow_up(request)
         if self.config.surprise and (follow_up or getattr(self.policy, "needs_surprise", False)):
             # a follow-up's surprise comes with the prefill its serving tier needs anyway
             surprise, atp, secs, tier = self._surprise(request)
             if surprise is not None:
                 z = self.memory.surprise[tier].z(surprise)
         return Signals(n, d, u, surprise, z, classify_context(n, u, d, z, self.config)), atp, secs, tier
+
+    def _follow_up(self, request: Request) -> bool:
+        """A later turn of a conversation, with a reality cache to restore it from."""
+        return bool(self.kv and request.conversation_id and request.turn > 0)
 
     def _surprise(self, request: Request) -> tuple[float | None, float, float, str]:
         """Mean NLL per token of the new prompt text, the ATP it cost (J), its seconds, the tier.
@@ -113,7 +117,7 @@ class Engine:
         """
         tier = self.tiers[0]
         conv = request.conversation_id
-        follow_up = bool(self.kv and conv and request.turn > 0)
+        follow_up = self._follow_up(request)
         if follow_up:
             tier = self.memory.serving.get(conv, tier)
         t0, c0 = time.perf_counter(), time.thread_time()

@@ -103,7 +103,8 @@ class AnswerJudge:
         self._model: list[tuple | None] = [None] * n_tiers
         self._seen = [0] * n_tiers  # observations ever added (keys the caches below)
         self._fits = [0] * n_tiers
-        self._recent: dict[tuple, np.ndarray] = {}
+        self._recent: dict[int, tuple[tuple, np.ndarray]] = {}  # tier → ((n, seen), latest features)
+        self._base: dict[int, tuple[int, float]] = {}            # tier → (seen, base rate)
 
     def add(self, tier: int, features: np.ndarray, outcome: float, refit: bool = True) -> None:
         """One graded answer of ``tier`` (outcome 1.0 success / 0.0 failure)."""
@@ -148,12 +149,11 @@ class AnswerJudge:
 
     def base_rate(self, tier: int) -> float:
         """The tier's success rate over the judge's window (Laplace-smoothed)."""
-        key = (tier, self._seen[tier])
-        if key not in self._recent:
+        hit = self._base.get(tier)
+        if hit is None or hit[0] != self._seen[tier]:
             y = self._y[tier][-self.window:]
-            self._recent = {k: v for k, v in self._recent.items() if not (len(k) == 2 and k[0] == tier)}
-            self._recent[key] = (sum(y) + 1.0) / (len(y) + 2.0)
-        return self._recent[key]
+            hit = self._base[tier] = (self._seen[tier], (sum(y) + 1.0) / (len(y) + 2.0))
+        return hit[1]
 
     def combine(self, tier: int, prior, judged):
         """P(success | x, answer) from the router's item prior p̂(x) and the judge's P(success | answer),
@@ -180,8 +180,7 @@ class AnswerJudge:
         of what its next answer may look like."""
         if not self._x[tier]:
             return np.zeros((0, len(FEATURES)))
-        key = (tier, n, self._seen[tier])
-        if key not in self._recent:  # rebuilt once per new observation, not per routing decision
-            self._recent = {k: v for k, v in self._recent.items() if k[0] != tier or k[1] != n}
-            self._recent[key] = np.vstack(self._x[tier][-n:])
-        return self._recent[key]
+        hit = self._recent.get(tier)
+        if hit is None or hit[0] != (n, self._seen[tier]):  # rebuilt once per new observation
+            hit = self._recent[tier] = ((n, self._seen[tier]), np.vstack(self._x[tier][-n:]))
+        return hit[1]

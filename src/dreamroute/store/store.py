@@ -202,7 +202,8 @@ class Store:
                 created_at=now, updated_at=now)).inserted_primary_key[0]
 
     def update_cycle(self, cycle_id: int, *, stage: str | None = None, status: str | None = None,
-                     result: dict | None = None, version_id: int | None = None) -> None:
+                     result: dict | None = None, version_id: int | None = None,
+                     workdir: str | None = None) -> None:
         """Record a cycle's progress (the stage just completed, its results so far)."""
         values: dict[str, Any] = {"updated_at": T.utc_now()}
         if stage is not None:
@@ -213,6 +214,8 @@ class Store:
             values["result"] = canonical_json(result)
         if version_id is not None:
             values["version_id"] = version_id
+        if workdir is not None:
+            values["workdir"] = workdir
         with self._write() as conn:
             conn.execute(update(T.dream_cycles).where(T.dream_cycles.c.id == cycle_id).values(**values))
 
