@@ -7,10 +7,11 @@
 # 1. teacher over GSM8K train questions, graded (stored as experiences; ~49 % correct, so 450
 #    questions give the >= 200 usable examples the issue asks for)
 # 2. student before: first 200 test questions, always:tactical
-# 3. routing before: the same 200, dreamroute at a budget, from an empty store
-# 4. one DREAM cycle (plan, teacher top-k labels, LoRA, export, held-out + regression gate)
-# 5. student after: the same 200 with the cycle's adapter on tactical (config `lora:`), promoted or not
-# 6. routing after: the same 200, dreamroute at the same budget, from an empty store, with the adapter
+# 3. one DREAM cycle (plan, teacher top-k labels, LoRA, export, held-out + regression gate)
+# 4. student after: the same 200 with the cycle's adapter on tactical (config `lora:`), promoted or not
+# 5. routing before / after: `dreamroute simulate` replays the router over the recorded outcomes of
+#    every tier on the same 200 questions (../shared/data/local_tiers), with tactical's outcomes
+#    taken from step 2 (before) or step 4 (after); the same budget, seeds and order both times
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DREAMROUTE_THREADS=${DREAMROUTE_THREADS:-1}
@@ -18,13 +19,11 @@ DR=.venv/bin/dreamroute
 DATA=${DATA:-../shared/data}
 OUT=benchmarks/results/dream
 DB=${DB:-$OUT/dream.db}          # the store the cycle learns from (not committed)
-BUDGET=${BUDGET:-121.17}         # J/request, as benchmarks/gsm8k_routing.sh (0.85 x specialized on train)
+BUDGET=${BUDGET:-124.79}         # J/request: 0.85 x specialized's mean on the recording (as benchmarks/replay.sh)
 mkdir -p "$OUT"
 
 $DR run "$DATA/gsm8k/train.jsonl" --policy always:specialized --limit 450 --db "$DB" --json "$OUT/teacher_train.json"
 $DR run "$DATA/gsm8k/test.jsonl" --policy always:tactical --limit 200 --db "$DB" --json "$OUT/student_before.json"
-$DR run "$DATA/gsm8k/test.jsonl" --policy dreamroute --budget "$BUDGET" --limit 200 --db "$OUT/route_before.db" \
-    --json "$OUT/route_before.json"
 $DR dream --student tactical --teacher specialized --db "$DB" --json benchmarks/results/dream_gsm8k.json
 
 adapter=$(.venv/bin/python -c "import json; from dreamroute.store.store import Store
@@ -41,7 +40,12 @@ open(sys.argv[2], "w").write(yaml.safe_dump({"tiers": tiers}))
 PY
 $DR run "$DATA/gsm8k/test.jsonl" --policy always:tactical --limit 200 --config "$cfg" --db "$OUT/student_after.db" \
     --json "$OUT/student_after.json"
-# routing after: from an empty store like the routing before, with the adapter on tactical (no
-# experience of the test questions from step 2 may reach it)
-$DR run "$DATA/gsm8k/test.jsonl" --policy dreamroute --budget "$BUDGET" --limit 200 --config "$cfg" \
-    --db "$OUT/route_after.db" --json "$OUT/route_after.json"
+run_of() { .venv/bin/python -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute(
+    \"select max(id) from runs where policy='always:tactical' and workload like '%test.jsonl'\").fetchone()[0])" "$1"; }
+for phase in before after; do
+    db=$DB; [ $phase = after ] && db=$OUT/student_after.db
+    .venv/bin/python benchmarks/recording_from_run.py --db "$db" --run-id "$(run_of "$db")" --tier tactical \
+        --base "$DATA/local_tiers/gsm8k_test_outcomes.jsonl" --out "$OUT/recording_$phase.jsonl"
+    $DR simulate "$OUT/recording_$phase.jsonl" --policy dreamroute --budget "$BUDGET" --shuffle 0 --seeds 3 \
+        --json "$OUT/route_$phase.json"
+done

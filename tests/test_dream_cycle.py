@@ -142,3 +142,28 @@ def test_too_few_examples_and_bad_tiers(tmp_path):
             Dreamer(settings, s, DreamConfig(), student="specialized", teacher="tactical")
         plan = _dreamer(tmp_path, s).run(dry_run=True)
         assert plan["dry_run"] and plan["train"] + plan["heldout"] == 4
+
+
+def test_missing_teacher_responses_are_asked_again_and_graded(tmp_path):
+    with _store_with_teacher_answers(tmp_path) as s:
+        for i in range(6):  # successes on record without their text (imported outcomes)
+            s.record([dict(role="chosen", prompt=f"lost {i}", tier="specialized", context="stable",
+                           outcome="success", witness="ground_truth", salience=0.9, response="", gold=str(i))], [])
+        asked = []
+
+        def teacher(messages):
+            asked.append(messages[-1]["content"])
+            i = int(messages[-1]["content"].split()[-1])
+            return f"The answer is {i if i % 2 == 0 else 99}."  # right on even questions only
+
+        d = _dreamer(tmp_path, s)
+        d.backends["specialized"] = ScriptedBackend("sha-specialized", teacher)
+        assert d.plan().missing == 6
+        rep = d.run()
+        assert sorted(asked) == [f"lost {i}" for i in range(6)]
+        plan = d.fresh_responses(d._plan_stage(None))
+        lost = {it.prompt: it.response for it in plan.train + plan.heldout if it.prompt.startswith("lost")}
+        assert lost == {f"lost {i}": f"The answer is {i}." for i in (0, 2, 4)}  # wrong fresh answers dropped
+        assert len(asked) == 6                                  # a resumed stage does not ask again
+        assert d.cycle["result"]["fresh_responses"] == 3 and d.cycle["result"]["fresh_rejected"] == 3
+        assert rep["promoted"] is True

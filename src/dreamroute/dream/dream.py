@@ -145,7 +145,8 @@ class Dreamer:
         if self._done("plan") and path.exists():
             d = json.loads(path.read_text())
             return Plan(d["student"], d["teacher"], [ReplayItem(**x) for x in d["train"]],
-                        [ReplayItem(**x) for x in d["heldout"]], d["candidates"], d["student_failures"])
+                        [ReplayItem(**x) for x in d["heldout"]], d["candidates"], d["student_failures"],
+                        d.get("missing_responses", 0))
         plan = self._check_plan(self.plan(max_examples))
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({**plan.summary(), "train": [i.__dict__ for i in plan.train],
@@ -153,6 +154,49 @@ class Dreamer:
         tmp.replace(path)
         self._record("plan", examples=len(plan.train), heldout=len(plan.heldout))
         return plan
+
+    def fresh_responses(self, plan: Plan) -> Plan:
+        """Ask the teacher again where the store has a witnessed success but not its text.
+
+        Greedy, ``max_tokens`` 320, as answers are served. With a gold answer the fresh
+        response is kept only if it is graded correct; without one (a user's or an audit's
+        witness) it stands for the answer that was judged. Each result is appended to
+        ``responses.jsonl`` in the work directory as it comes (a resumed cycle does not ask
+        twice); items left without a response are dropped. Returns the completed plan.
+        """
+        from .labels import read_labels, write_labels
+        missing = [it for it in plan.train + plan.heldout if not it.response.strip()]
+        if not missing:
+            return plan
+        path = self.workdir / "responses.jsonl"
+        done = read_labels(path)
+        todo = [it for it in missing if it.prompt_hash not in done]
+        if todo:
+            t = self._backend(self.teacher)
+            for it in todo:
+                text = t.generate([{"role": "user", "content": it.prompt}], max_tokens=320).text
+                ok = True
+                if it.gold is not None:
+                    grader, ref = item_grader(it)
+                    ok = bool(get_grader(grader).grade(text, ref).correct)
+                row = {"key": it.prompt_hash, "response": text if ok else "", "correct": ok}
+                write_labels(path, [row])
+                done[it.prompt_hash] = row
+            t.close()
+
+        def fill(items: list[ReplayItem]) -> list[ReplayItem]:
+            out = []
+            for it in items:
+                if not it.response.strip():
+                    it = ReplayItem(**{**it.__dict__, "response": done[it.prompt_hash]["response"]})
+                if it.response.strip():
+                    out.append(it)
+            return out
+
+        kept = sum(bool(done[it.prompt_hash]["response"]) for it in missing)
+        self._record(None, fresh_responses=kept, fresh_rejected=len(missing) - kept)
+        return Plan(plan.student, plan.teacher, fill(plan.train), fill(plan.heldout), plan.candidates,
+                    plan.student_failures, 0)
 
     def _labels(self, plan: Plan) -> dict[str, dict]:
         """Teacher top-k logprobs per training item (when the vocabularies are shared), resumable."""
@@ -329,7 +373,7 @@ class Dreamer:
         if not self._running():  # check there is enough to learn before a cycle is put on record
             self._check_plan(self.plan(max_examples))
         self.open_cycle()
-        plan = self._plan_stage(max_examples)
+        plan = self._check_plan(self.fresh_responses(self._plan_stage(max_examples)))
         labels = self._labels(plan)
         if not self._done("export"):
             res, tok = self._train(plan, labels)

@@ -8,7 +8,10 @@ what consolidation is for), then by SNARC salience (DESIGN.md). Prompts are
 split into training and held-out validation by a seeded hash of the prompt,
 so a prompt is never in both and the split does not move when more
 experiences arrive. Only first turns of conversations are used (a stored
-experience keeps the newest user message, not the turns before it).
+experience keeps the newest user message, not the turns before it). A success
+on record without its response text (an outcome imported from elsewhere, a
+response lost) is still selected, with an empty ``response``: the cycle asks
+the teacher tier for a fresh one (:meth:`Dreamer.fresh_responses`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ class ReplayItem:
     Attributes:
         prompt_hash: the prompt's key (``Store`` prompt hash).
         prompt: the user message.
-        response: the teacher's answer, judged correct.
+        response: the teacher's answer, judged correct ("" when the store lacks its text:
+            the cycle asks the teacher again).
         experience_id: the teacher experience it came from.
         salience: its SNARC salience in [0, 1].
         student_failed: the student tier answered this prompt and was judged wrong.
@@ -50,6 +54,7 @@ class Plan:
         train / heldout: replay items, most useful first; no prompt in both.
         candidates: teacher answers judged correct before deduplication.
         student_failures: selected prompts the student got wrong.
+        missing: selected items whose response text is not stored.
     """
 
     student: str
@@ -58,11 +63,12 @@ class Plan:
     heldout: list[ReplayItem] = field(default_factory=list)
     candidates: int = 0
     student_failures: int = 0
+    missing: int = 0
 
     def summary(self) -> dict:
         return {"student": self.student, "teacher": self.teacher, "candidates": self.candidates,
                 "train": len(self.train), "heldout": len(self.heldout),
-                "student_failures": self.student_failures}
+                "student_failures": self.student_failures, "missing_responses": self.missing}
 
 
 def witnessed_success(outcome: str | None, witness: str | None) -> bool:
@@ -103,13 +109,14 @@ def plan_replay(store, student: str, teacher: str, *, heldout_fraction: float = 
             continue
         if r["tier"] == student and r["outcome"] == "failure":
             failed.add(r["prompt_hash"])
-        if r["tier"] != teacher or not witnessed_success(r["outcome"], r["witness"]) or not r["response"].strip():
+        if r["tier"] != teacher or not witnessed_success(r["outcome"], r["witness"]) or not r["prompt"].strip():
             continue
         plan.candidates += 1
-        item = ReplayItem(r["prompt_hash"], r["prompt"], r["response"], r["id"], float(r["salience"] or 0.0),
-                          False, r["gold"] if r["witness"] == "ground_truth" else None)
+        item = ReplayItem(r["prompt_hash"], r["prompt"], r["response"] or "", r["id"],
+                          float(r["salience"] or 0.0), False, r["gold"] if r["witness"] == "ground_truth" else None)
         old = best.get(item.prompt_hash)
-        if old is None or item.salience > old.salience:
+        # a stored answer beats one the teacher must give again; then the more salient
+        if old is None or (bool(item.response.strip()), item.salience) > (bool(old.response.strip()), old.salience):
             best[item.prompt_hash] = item
     items = [ReplayItem(**{**it.__dict__, "student_failed": it.prompt_hash in failed}) for it in best.values()]
     items.sort(key=lambda it: (not it.student_failed, -it.salience, it.experience_id))
@@ -118,4 +125,5 @@ def plan_replay(store, student: str, teacher: str, *, heldout_fraction: float = 
     if max_examples is not None:
         plan.train = plan.train[:max_examples]
     plan.student_failures = sum(it.student_failed for it in plan.train + plan.heldout)
+    plan.missing = sum(not it.response.strip() for it in plan.train + plan.heldout)
     return plan
