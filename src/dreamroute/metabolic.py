@@ -1,0 +1,294 @@
+"""Metabolic states: what the hierarchy may spend and do, decided from measured signals.
+
+DESIGN.md's five states, and what each one changes:
+
+* ``WAKE``: normal routing.
+* ``FOCUS``: recent requests are salient (mean pre-answer SNARC salience of the
+  last ``focus_window`` requests ≥ ``focus_enter``) and the period's budget has
+  room (≥ ``focus_min_budget`` left): a high-salience request (salience ≥
+  ``focus_enter``) gets a higher quality target (``+focus_quality_boost``) and a
+  cheaper ATP price (λ × ``focus_lambda_scale``). Back to WAKE below
+  ``focus_exit`` or when the budget runs low.
+* ``REST``: nothing arrived for ``rest_after_s``: the tiers above the
+  ``keep_loaded`` cheapest are unloaded (their memory freed); a request that
+  needs one reloads it (and wakes the hierarchy).
+* ``DREAM``: resting for ``dream_after_s`` with a DREAM backlog (witnessed
+  teacher successes since the last cycle) of at least ``dream_min_backlog``: a
+  consolidation cycle runs in a separate process; requests are still served
+  (the hierarchy wakes, the cycle goes on). When it ends, promoted versions are
+  loaded and the state returns to REST.
+* ``CRISIS``: set explicitly (``set_crisis``) or by a request whose priority is
+  ≥ ``crisis_priority``: every request goes to the top tier regardless of
+  budget, for ``crisis_hold_s`` after the last such request (or until cleared).
+
+The controller only decides; whoever owns the models acts on the returned
+:class:`Action` values (the server: unload under the engine lock, start the
+cycle process). It holds no models and no store, and takes time from ``clock``
+(seconds), so tests drive it with a fake clock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Callable
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class State(str, Enum):
+    """The metabolic states (DESIGN.md)."""
+
+    WAKE = "WAKE"
+    FOCUS = "FOCUS"
+    REST = "REST"
+    DREAM = "DREAM"
+    CRISIS = "CRISIS"
+
+
+class MetabolicConfig(BaseModel):
+    """Thresholds of the metabolic controller (``metabolic:`` in the YAML config).
+
+    Attributes:
+        enabled: drive states at all (off: always WAKE).
+        period_s: length of the budget period, s (spending is summed over the last period_s).
+        period_budget_j: ATP the period may spend, J (None: no period budget; budget left = 1).
+        focus_window: recent requests whose mean salience decides FOCUS.
+        focus_enter / focus_exit: mean salience at which FOCUS starts / ends (enter > exit).
+        focus_min_budget: fraction of the period's budget that must be left for FOCUS.
+        focus_lambda_scale: λ multiplier for a high-salience request in FOCUS, (0, 1].
+        focus_quality_boost: added to the quality target for such a request, [0, 1].
+        rest_after_s: idle seconds before REST.
+        keep_loaded: cheapest tiers kept in memory in REST (≥ 1).
+        dream_after_s: idle seconds before DREAM (≥ rest_after_s).
+        dream_min_backlog: witnessed teacher successes since the last cycle needed to dream.
+        crisis_priority: a request priority at or above it starts CRISIS, (0, 1].
+        crisis_hold_s: CRISIS lasts this long after the last crisis request, s.
+        history: state transitions kept in memory.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    period_s: float = Field(3600.0, gt=0)
+    period_budget_j: float | None = Field(None, ge=0)
+    focus_window: int = Field(20, ge=1)
+    focus_enter: float = Field(0.6, ge=0, le=1)
+    focus_exit: float = Field(0.5, ge=0, le=1)
+    focus_min_budget: float = Field(0.25, ge=0, le=1)
+    focus_lambda_scale: float = Field(0.25, gt=0, le=1)
+    focus_quality_boost: float = Field(0.1, ge=0, le=1)
+    rest_after_s: float = Field(300.0, ge=0)
+    keep_loaded: int = Field(1, ge=1)
+    dream_after_s: float = Field(900.0, ge=0)
+    dream_min_backlog: int = Field(50, ge=1)
+    crisis_priority: float = Field(0.95, gt=0, le=1)
+    crisis_hold_s: float = Field(60.0, ge=0)
+    history: int = Field(500, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "MetabolicConfig":
+        if self.focus_exit > self.focus_enter:
+            raise ValueError(f"focus_exit ({self.focus_exit}) must not exceed focus_enter ({self.focus_enter})")
+        if self.dream_after_s < self.rest_after_s:
+            raise ValueError(f"dream_after_s ({self.dream_after_s}) must be >= rest_after_s ({self.rest_after_s}): "
+                             "a hierarchy dreams only after resting")
+        return self
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """What the state changes for one request: a forced tier (CRISIS), a λ multiplier and a
+    quality-target boost (FOCUS)."""
+
+    state: State
+    force_tier: str | None = None
+    lam_scale: float = 1.0
+    quality_boost: float = 0.0
+
+
+@dataclass(frozen=True)
+class Action:
+    """Something the owner of the models must do: ``unload`` (tiers), ``dream`` (start a
+    cycle) or ``reload`` (a cycle ended: load the active versions)."""
+
+    kind: str
+    tiers: tuple[str, ...] = ()
+
+
+@dataclass
+class Transition:
+    """One state change: when (unix seconds), from, to, why, and the signals that decided it."""
+
+    at: float
+    source: str
+    target: str
+    reason: str
+    signals: dict = field(default_factory=dict)
+
+
+class MetabolicController:
+    """Decides the metabolic state from measured signals (see the module docstring).
+
+    Args:
+        config: :class:`MetabolicConfig`.
+        tiers: tier names, cheapest first.
+        clock: seconds (``time.time`` by default; tests pass a fake clock).
+
+    Feed it :meth:`on_request` (before routing, with the request's pre-answer
+    salience and priority), :meth:`on_answer` (the ATP the request spent),
+    :meth:`on_background` (ATP spent while idle) and call :meth:`tick` every few
+    seconds with the DREAM backlog; act on the actions it returns.
+    """
+
+    def __init__(self, config: MetabolicConfig, tiers: list[str], *, clock: Callable[[], float] = time.time):
+        if not tiers:
+            raise ValueError("the metabolic controller needs at least one tier")
+        self.config, self.tiers, self.clock = config, list(tiers), clock
+        now = clock()
+        self.state = State.WAKE
+        self.since = now
+        self.last_activity = now
+        self.history: deque[Transition] = deque(maxlen=config.history)
+        self.salience: deque[float] = deque(maxlen=config.focus_window)
+        self.spent: deque[tuple[float, float]] = deque()
+        self.crisis_flag = False
+        self.crisis_until = 0.0
+        self.dreaming = False
+        self.unloaded: tuple[str, ...] = ()
+        self.backlog = 0
+
+    # ------------------------------------------------------------------ signals
+    def spent_in_period(self) -> float:
+        """ATP spent over the last ``period_s`` seconds, J."""
+        cutoff = self.clock() - self.config.period_s
+        while self.spent and self.spent[0][0] < cutoff:
+            self.spent.popleft()
+        return sum(j for _, j in self.spent)
+
+    def budget_left(self) -> float:
+        """Fraction of the period's budget not yet spent, in [0, 1] (1 with no period budget)."""
+        b = self.config.period_budget_j
+        if b is None:
+            return 1.0
+        return 0.0 if b == 0 else max(0.0, 1.0 - self.spent_in_period() / b)
+
+    def mean_salience(self) -> float:
+        """Mean pre-answer salience of the last ``focus_window`` requests (0 with none)."""
+        return sum(self.salience) / len(self.salience) if self.salience else 0.0
+
+    def idle_s(self) -> float:
+        return max(0.0, self.clock() - self.last_activity)
+
+    def signals(self) -> dict:
+        """The measured signals transitions are decided on."""
+        return {"budget_left": round(self.budget_left(), 4), "spent_in_period_j": round(self.spent_in_period(), 3),
+                "idle_s": round(self.idle_s(), 3), "mean_salience": round(self.mean_salience(), 4),
+                "dream_backlog": self.backlog, "dreaming": self.dreaming, "crisis_flag": self.crisis_flag}
+
+    def _go(self, target: State, reason: str) -> None:
+        if target is self.state:
+            return
+        now = self.clock()
+        self.history.append(Transition(now, self.state.value, target.value, reason, self.signals()))
+        self.state, self.since = target, now
+
+    # ------------------------------------------------------------------ requests
+    def on_request(self, priority: float, salience: float) -> Knobs:
+        """A request is about to be routed: returns its :class:`Knobs`.
+
+        Args:
+            priority: the request's priority in [0, 1].
+            salience: its pre-answer SNARC salience in [0, 1] (surprise, novelty, priority).
+        """
+        cfg, now = self.config, self.clock()
+        self.last_activity = now
+        if not cfg.enabled:
+            return Knobs(State.WAKE)
+        self.salience.append(float(salience))
+        if priority >= cfg.crisis_priority:
+            self.crisis_until = now + cfg.crisis_hold_s
+            self._go(State.CRISIS, f"request priority {priority:.2f} >= {cfg.crisis_priority:.2f}")
+        elif self.state in (State.REST, State.DREAM):
+            self._go(State.WAKE, "a request arrived" + (" (the DREAM cycle goes on)" if self.dreaming else ""))
+        if self.state is State.CRISIS:
+            return Knobs(State.CRISIS, force_tier=self.tiers[-1])
+        self._update_focus()
+        if self.state is State.FOCUS and salience >= cfg.focus_enter:
+            return Knobs(State.FOCUS, lam_scale=cfg.focus_lambda_scale, quality_boost=cfg.focus_quality_boost)
+        return Knobs(self.state)
+
+    def on_answer(self, atp: float) -> None:
+        """The request was answered, spending ``atp`` J (all calls)."""
+        now = self.clock()
+        self.last_activity = now
+        self.spent.append((now, float(atp)))
+        if self.config.enabled and self.state in (State.WAKE, State.FOCUS):
+            self._update_focus()
+
+    def on_background(self, atp: float) -> None:
+        """ATP spent by idle-time work (warm handoffs, a DREAM cycle), J: counts against the period."""
+        self.spent.append((self.clock(), float(atp)))
+
+    def _update_focus(self) -> None:
+        cfg = self.config
+        sal, left = self.mean_salience(), self.budget_left()
+        if self.state is State.WAKE and len(self.salience) >= min(cfg.focus_window, 5) \
+                and sal >= cfg.focus_enter and left >= cfg.focus_min_budget:
+            self._go(State.FOCUS, f"mean salience {sal:.2f} >= {cfg.focus_enter:.2f}, {100 * left:.0f}% of budget left")
+        elif self.state is State.FOCUS and (sal < cfg.focus_exit or left < cfg.focus_min_budget):
+            why = (f"mean salience {sal:.2f} < {cfg.focus_exit:.2f}" if sal < cfg.focus_exit
+                   else f"{100 * left:.0f}% of budget left < {100 * cfg.focus_min_budget:.0f}%")
+            self._go(State.WAKE, why)
+
+    # ------------------------------------------------------------------ explicit crisis
+    def set_crisis(self, on: bool) -> None:
+        """Start (until cleared) or clear CRISIS."""
+        self.crisis_flag = bool(on)
+        if on:
+            self._go(State.CRISIS, "crisis flag set")
+        elif self.state is State.CRISIS:
+            self.crisis_until = 0.0
+            self._go(State.WAKE, "crisis flag cleared")
+
+    # ------------------------------------------------------------------ time passing
+    def tick(self, backlog: int = 0) -> list[Action]:
+        """Advance on time: returns the actions to take now.
+
+        Args:
+            backlog: witnessed teacher successes not yet consolidated (DREAM backlog).
+        """
+        cfg, now = self.config, self.clock()
+        self.backlog = int(backlog)
+        if not cfg.enabled:
+            return []
+        actions: list[Action] = []
+        if self.state is State.CRISIS and not self.crisis_flag and now >= self.crisis_until:
+            self._go(State.WAKE, f"no crisis request for {cfg.crisis_hold_s:.0f} s")
+        idle = self.idle_s()
+        if self.state in (State.WAKE, State.FOCUS) and idle >= cfg.rest_after_s:
+            self._go(State.REST, f"idle {idle:.0f} s >= {cfg.rest_after_s:.0f} s")
+            drop = tuple(self.tiers[cfg.keep_loaded:])
+            if drop:
+                self.unloaded = drop
+                actions.append(Action("unload", drop))
+        if (self.state is State.REST and not self.dreaming and idle >= cfg.dream_after_s
+                and self.backlog >= cfg.dream_min_backlog):
+            self._go(State.DREAM, f"idle {idle:.0f} s, DREAM backlog {self.backlog} >= {cfg.dream_min_backlog}")
+            self.dreaming = True
+            actions.append(Action("dream"))
+        return actions
+
+    def dream_finished(self, promoted: bool) -> list[Action]:
+        """The cycle process ended (promoted or not): back to REST (if still dreaming) and reload."""
+        self.dreaming = False
+        if self.state is State.DREAM:
+            self._go(State.REST, "DREAM cycle ended" + (" with a promotion" if promoted else ""))
+        return [Action("reload")] if promoted else []
+
+    def snapshot(self) -> dict:
+        """State, since when, the signals and the transition history (JSON-ready)."""
+        return {"state": self.state.value, "since": self.since, "signals": self.signals(),
+                "unloaded": list(self.unloaded) if self.state in (State.REST, State.DREAM) else [],
+                "history": [asdict(t) for t in self.history]}
