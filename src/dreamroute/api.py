@@ -15,10 +15,12 @@ from .atp import TierCost, cost_from_calibration, estimated_cost
 from .backends import make_backend
 from .backends.base import Backend
 from .cache.reality import RealityCache
+from .cache.response import CachedAnswer, ResponseCache
 from .cache.reuse import ConversationKV
 from .config import Settings, load_settings
 from .errors import ConfigError, DreamrouteError
-from .router.engine import Engine, feedback_update
+from .router.engine import Engine
+from .router.feedback import feedback_update
 from .router.memory import BudgetPacer, Memory
 from .router.policies import make_policy
 from .router.types import Answer, Outcome, Request
@@ -63,6 +65,10 @@ class DreamRoute:
             (tests pass scripted backends; replay passes recorded ones).
         store: an open Store to use instead of opening ``db``.
         run_id: the run experiences are filed under.
+        fast_path: keep a response cache of answers with a witnessed success (loaded from the
+            store, kept current by the engine) for :meth:`cached` (the server's fast path).
+        cooldown_s: fall back to another tier when a backend fails, and skip the failing tier
+            this long, s (None: a backend failure fails the request).
 
     Raises:
         ConfigError, UnknownTierError, ModelFileError, StoreError: as their names say.
@@ -71,7 +77,7 @@ class DreamRoute:
     def __init__(self, settings: Settings | None = None, *, config: str | Path | None = None,
                  db: str | Path | None = None, policy: str = "dreamroute", budget: float | None = None,
                  seed: int = 0, backends: dict[str, Backend] | None = None, store: Store | None = None,
-                 run_id: int | None = None):
+                 run_id: int | None = None, fast_path: bool = False, cooldown_s: float | None = None):
         self.settings = settings or load_settings(config)
         self.seed = seed
         self.budget = budget
@@ -103,24 +109,41 @@ class DreamRoute:
                                  self.settings.router.pacing_horizon)
         cc = self.settings.cache
         self.kv = ConversationKV(RealityCache(self.settings.kv_dir, cc.max_bytes)) if cc.enabled else None
+        self.responses = ResponseCache() if fast_path else None
+        if self.responses is not None:
+            self.responses.load(self.store)
         self.engine = Engine(tiers, backends, self.store, self.memory, self.policy, self.pacer, run_id,
-                             kv=self.kv, handoff=cc.handoff)
+                             kv=self.kv, handoff=cc.handoff, responses=self.responses, cooldown_s=cooldown_s)
 
     def complete(self, prompt: str | list[dict], *, gold: str | None = None, grader: str | None = None,
                  conversation_id: str | None = None, priority: float = 0.0, max_tokens: int = 320,
-                 item_key: str | None = None) -> Answer:
+                 item_key: str | None = None, tier: str | None = None,
+                 request_id: str | None = None) -> Answer:
         """Answer a prompt (a string or chat messages) through the router.
 
         With ``gold`` and ``grader`` the answer is graded at once (ground truth);
         otherwise its outcome stays unknown until :meth:`record_outcome` or an audit.
+        ``tier`` forces one tier for this request (as policy ``always:TIER``; UnknownTierError
+        for a tier the hierarchy lacks); ``request_id`` names the request (default: a new uuid).
         Returns the :class:`Answer` (``.text``, ``.tier``, ``.atp``, ``.request.request_id``).
         """
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         req = Request(messages, conversation_id=conversation_id, priority=priority, max_tokens=max_tokens,
-                      grader=grader, item_key=item_key)
+                      grader=grader, item_key=item_key, tier=tier)
+        if request_id is not None:
+            req.request_id = request_id
         ans, outcomes = self.engine.handle(req, gold)
         ans.outcomes = outcomes
         return ans
+
+    def cached(self, messages: list[dict], *, max_tokens: int | None = None,
+               tier: str | None = None) -> CachedAnswer | None:
+        """The fast path: the stored answer of exactly this conversation (normalised, see
+        :mod:`dreamroute.cache.response`) when it has a witnessed success on record, else None
+        (always None without ``fast_path``). Costs no model call and changes nothing stored."""
+        if self.responses is None:
+            return None
+        return self.responses.get(messages, max_tokens=max_tokens, tier=tier)
 
     def record_outcome(self, request_id: str, outcome: str | float, witness: str = "user") -> Outcome:
         """Report how a response turned out: ``"success"``, ``"failure"`` or a rating in [0, 1].

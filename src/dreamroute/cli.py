@@ -369,8 +369,10 @@ def models_fetch(config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt)
 
 
 from .cli_dream import dream_app  # noqa: E402  (it imports the helpers above)
+from .cli_serve import serve  # noqa: E402  (likewise)
 
 app.add_typer(dream_app, name="dream")
+app.command()(serve)
 
 
 def main() -> None:  # pragma: no cover

@@ -208,6 +208,64 @@ class CacheConfig(BaseModel):
     handoff: bool = True
 
 
+class ServerConfig(BaseModel):
+    """``dreamroute serve``: the OpenAI-compatible server (see ``dreamroute.server``).
+
+    Attributes:
+        host / port: where uvicorn listens (loopback by default; port 0 = any free port).
+        api_key: bearer key every endpoint but ``/health`` requires (None: no auth).
+        max_request_bytes: largest request body accepted, bytes (413 beyond it).
+        max_prompt_tokens: largest prompt, in tokens of the answering tier's chat template
+            (400 ``context_length_exceeded`` beyond it, or when prompt plus ``max_tokens``
+            exceed the smallest tier ``n_ctx``); None: that ``n_ctx`` minus ``default_max_tokens``.
+        max_completion_tokens: largest ``max_tokens`` a request may ask for.
+        default_max_tokens: generation limit when a request gives none.
+        budget: average ATP per routed request, J (None: no budget).
+        policy: routing policy of ``model: dreamroute`` (``dreamroute``, ``cascade[:T]`` ...).
+        fast_path: answer normalised exact repeats whose answer has a witnessed success
+            from the response cache, before the router.
+        request_timeout_s: longest a request waits for the engine (requests are served one at
+            a time) before it is refused with 503; a generation already running is not cut.
+        cooldown_s: how long a tier whose backend failed is skipped, s (requests fall back to
+            another tier meanwhile).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = None
+    max_request_bytes: int = Field(1024 * 1024, ge=1024)
+    max_prompt_tokens: int | None = Field(None, ge=16)
+    max_completion_tokens: int = Field(1024, ge=1)
+    default_max_tokens: int = Field(320, ge=1)
+    budget: float | None = Field(None, ge=0)
+    policy: str = "dreamroute"
+    fast_path: bool = True
+    request_timeout_s: float = Field(300.0, gt=0)
+    cooldown_s: float = Field(60.0, ge=0)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("host must name an interface, e.g. 127.0.0.1 (loopback) or 0.0.0.0 (all)")
+        return v.strip()
+
+    @field_validator("api_key")
+    @classmethod
+    def _key(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("api_key must not be empty; leave it out (null) to serve without auth")
+        return v
+
+    @model_validator(mode="after")
+    def _limits(self) -> "ServerConfig":
+        if self.default_max_tokens > self.max_completion_tokens:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) must be <= "
+                             f"max_completion_tokens ({self.max_completion_tokens})")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything dreamroute is configured with.
 
@@ -227,6 +285,7 @@ class Settings(BaseSettings):
     model_cache: Path | None = None
     threads: int | None = Field(None, ge=1)
     cache: CacheConfig = Field(default_factory=lambda: CacheConfig())
+    server: ServerConfig = Field(default_factory=lambda: ServerConfig())
 
     @field_validator("tiers")
     @classmethod
@@ -238,6 +297,28 @@ class Settings(BaseSettings):
         if dup:
             raise ValueError(f"tier names must be unique; repeated: {sorted(dup)}")
         return v
+
+    @model_validator(mode="after")
+    def _server_policy(self) -> "Settings":
+        from .router.policies import make_policy  # late: the router imports this module
+        try:
+            make_policy(self.server.policy, self.tier_names, self.router)
+        except ConfigError as e:
+            raise ValueError(f"server.policy: {e}") from None
+        return self
+
+    @property
+    def context_tokens(self) -> int:
+        """The smallest tier context (``n_ctx``), tokens: what a prompt plus its answer must fit."""
+        return min(t.n_ctx for t in self.tiers)
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The server's prompt limit, tokens: ``server.max_prompt_tokens``, else
+        :attr:`context_tokens` minus ``server.default_max_tokens`` (at least 16)."""
+        if self.server.max_prompt_tokens is not None:
+            return self.server.max_prompt_tokens
+        return max(16, self.context_tokens - self.server.default_max_tokens)
 
     @property
     def db_path(self) -> Path:

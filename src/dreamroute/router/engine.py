@@ -15,22 +15,32 @@ tier that served the conversation, on the new tokens only, as they are
 prefilled; a surprising turn queues a warm handoff (the next tier up
 prefilled with the conversation), which :meth:`Engine.idle` runs when the
 machine has nothing else to do.
+
+Fault tolerance (``cooldown_s`` set, as the server does): a failed backend call
+(BackendError, TimeoutError) is recorded (``background_work`` kind
+``failed_call``: its seconds, no ATP), its tier cooled down
+(:class:`~dreamroute.router.cooldown.Cooldown`), and the call goes to the next
+available tier up, else down. ``Request.tier`` forces a tier (routed as
+``always:TIER``). A response cache (``responses``) is kept current here.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from typing import Callable
 
 from ..backends.base import Backend
+from ..cache.response import ResponseCache, messages_key
 from ..cache.reuse import ConversationKV, Prefill, Restore
 from ..errors import BackendError, RequestError, UnknownTierError
 from ..eval.graders import get_grader
 from ..signals import Signals, classify_context, drift, instability, novelty, snarc
 from ..store.store import TrustUpdate
 from .memory import OUTCOME_VALUE, BudgetPacer, Memory
-from .policies import Policy, RouteView
-from .types import Answer, Call, Outcome, Request
+from .cooldown import Cooldown
+from .policies import AlwaysPolicy, Policy, RouteView
+from .types import Answer, Call, FailedCall, Outcome, Request
 
 
 def normalise_prompt(text: str) -> str:
@@ -68,11 +78,19 @@ class Engine:
         run_id: the run experiences are filed under, if any.
         kv: the reality cache glue (None: no conversation KV reuse).
         handoff: queue warm handoffs after surprising turns (needs ``kv``).
+        responses: the fast path's response cache, kept current here (None: none).
+        cooldown_s: fall back from a failing backend and skip its tier this long, s
+            (None: a backend failure fails the request, as in ``run``).
+
+    Attributes:
+        cooldown: the :class:`Cooldown` of failing tiers.
+        on_failure: called with each :class:`FailedCall` (the server counts them).
     """
 
     def __init__(self, tiers, backends: dict[str, Backend], store, memory: Memory, policy: Policy,
                  pacer: BudgetPacer, run_id: int | None = None, kv: ConversationKV | None = None,
-                 handoff: bool = True):
+                 handoff: bool = True, responses: ResponseCache | None = None,
+                 cooldown_s: float | None = None):
         self.tiers = list(tiers)
         self.backends = backends
         self.store = store
@@ -84,9 +102,23 @@ class Engine:
         self.kv = kv
         self.handoff = handoff
         self._restored: dict[str, Restore] = {}
+        self.responses = responses
+        self.cooldown = Cooldown(self.tiers, cooldown_s)
+        self.on_failure: Callable[[FailedCall], None] | None = None
+        self._forced: dict[str, Policy] = {}
+        self._failures: list[FailedCall] = []
+
+    def policy_for(self, request: Request) -> Policy:
+        """The engine's policy, or ``always:TIER`` for a request that forces a tier.
+        Raises UnknownTierError for a forced tier the hierarchy lacks."""
+        if request.tier is None:
+            return self.policy
+        if request.tier not in self._forced:
+            self._forced[request.tier] = AlwaysPolicy(self.tiers, request.tier)
+        return self._forced[request.tier]
 
     # ---- deciding and calling --------------------------------------------------------
-    def _signals(self, request: Request, vec, hood) -> tuple[Signals, float, float, str | None]:
+    def _signals(self, request: Request, vec, hood, policy: Policy) -> tuple[Signals, float, float, str | None]:
         """Signals, the ATP of surprise scoring (J), its model seconds, and the tier that scored it."""
         prev = self.memory.conversations.get(request.conversation_id) if request.conversation_id else None
         n = novelty(hood.sims)
@@ -94,7 +126,7 @@ class Engine:
         d = drift(vec, prev)
         surprise, z, atp, secs, tier = None, None, 0.0, 0.0, None
         follow_up = self._follow_up(request)
-        if self.config.surprise and (follow_up or getattr(self.policy, "needs_surprise", False)):
+        if self.config.surprise and (follow_up or getattr(policy, "needs_surprise", False)):
             # a follow-up's surprise comes with the prefill its serving tier needs anyway
             surprise, atp, secs, tier = self._surprise(request)
             if surprise is not None:
@@ -158,6 +190,45 @@ class Engine:
         return Call(tier, role, gen, atp, confidence(gen.text, gen.mean_logprob, request.grader), predicted,
                     self.memory.versions.get(tier))
 
+    def _call_or_fall_back(self, tier: str, role: str, request: Request) -> Call | None:
+        """:meth:`_call`; with ``cooldown_s`` set, a cooled or failing tier is skipped (the failure
+        recorded, the tier cooled) for the next available tier up, else down (an escalation
+        only goes up; a failed audit is dropped: None). Raises BackendError when no tier is left
+        (without ``cooldown_s``: the first failure)."""
+        if not self.cooldown.enabled:
+            return self._call(tier, role, request)
+        tried: list[str] = []
+        last: Exception | None = None
+        while True:
+            if tier in self.cooldown.available():
+                t0 = time.perf_counter()
+                try:
+                    return self._call(tier, role, request)
+                except (BackendError, TimeoutError) as e:
+                    last = e
+                    self._fail(FailedCall(tier, role, str(e), time.perf_counter() - t0, request.request_id),
+                               request)
+            tried.append(tier)
+            if role == "audit":
+                return None
+            tier = self.cooldown.fallback(tier, tried, up_only=role == "escalated")
+            if tier is None:
+                if role == "escalated":
+                    return None
+                raise BackendError(f"no tier could answer (tried {', '.join(tried)}; cooling down: "
+                                   f"{', '.join(self.cooldown.remaining()) or 'none'})"
+                                   + (f"; last error: {last}" if last else "")) from last
+
+    def _fail(self, failed: FailedCall, request: Request) -> None:
+        """Cool the tier down, record the failed call (its seconds, no ATP) and report it."""
+        self.cooldown.cool(failed.tier)
+        self._failures.append(failed)
+        self.store.record_background("failed_call", failed.tier, 0, 0.0, failed.seconds,
+                                     model_version_id=self.memory.versions.get(failed.tier),
+                                     conversation_id=request.conversation_id, run_id=self.run_id)
+        if self.on_failure is not None:
+            self.on_failure(failed)
+
     def answer(self, request: Request) -> Answer:
         """Route and answer one request (no outcome is judged here).
 
@@ -169,25 +240,30 @@ class Engine:
             raise RequestError(f"max_tokens must be >= 1, got {request.max_tokens}")
         t0, c0 = time.perf_counter(), time.thread_time()
         self._surprise_cpu_s = 0.0
-        self._restored = {}
+        self._restored, self._failures = {}, []
+        policy = self.policy_for(request)
         vec = self.memory.encoder.encode(request.prompt)
         hood = self.memory.neighbourhood(vec)
-        signals, surprise_atp, surprise_s, surprise_tier = self._signals(request, vec, hood)
+        signals, surprise_atp, surprise_s, surprise_tier = self._signals(request, vec, hood, policy)
         view = RouteView(signals, hood, self.memory, self.pacer,
-                         sum(len(m.get("content", "")) for m in request.messages), request.prompt)
-        decision = self.policy.route(request, view)
+                         sum(len(m.get("content", "")) for m in request.messages), request.prompt,
+                         available=self.cooldown.available())
+        decision = policy.route(request, view)
         t1, c1 = time.perf_counter(), time.thread_time()
         decision.overhead_ms = ((t1 - t0) - surprise_s) * 1e3
         decision.overhead_cpu_ms = ((c1 - c0) - self._surprise_cpu_s) * 1e3
-        calls = [self._call(decision.tier, "chosen", request)]
-        while (nxt := self.policy.escalate(decision, calls[-1], view)) is not None:
-            calls.append(self._call(nxt, "escalated", request))
+        calls = [self._call_or_fall_back(decision.tier, "chosen", request)]
+        while (nxt := policy.escalate(decision, calls[-1], view)) is not None:
+            if (call := self._call_or_fall_back(nxt, "escalated", request)) is None:
+                break
+            calls.append(call)
         final = calls[-1]
         up = self.tiers.index(final.tier) + 1
         if decision.audit and up < len(self.tiers) and self.pacer.allows(sum(c.atp for c in calls)):
-            calls.append(self._call(self.tiers[up], "audit", request))
+            if (call := self._call_or_fall_back(self.tiers[up], "audit", request)) is not None:
+                calls.append(call)
         answer = Answer(request, decision, calls, surprise_atp, surprise_tier=surprise_tier,
-                        surprise_s=surprise_s, kv=dict(self._restored))
+                        surprise_s=surprise_s, kv=dict(self._restored), failures=list(self._failures))
         answer._vec = vec  # kept for learn()
         return answer
 
@@ -221,6 +297,7 @@ class Engine:
         if len(calls) >= 2:
             conflict = 0.0 if all(_same_answer(calls[0], c) for c in calls[1:]) else 1.0
         exps, updates, pending = [], [], []
+        key = messages_key(req.messages)
         for i, (c, o) in enumerate(zip(answer.calls, outcomes)):
             sn = snarc(dec.signals.surprise_z, dec.signals.novelty, req.priority, o.reward, conflict,
                        self.config.snarc_weights)
@@ -236,7 +313,8 @@ class Engine:
                 instability=dec.signals.instability, surprise=dec.signals.surprise if i == 0 else None,
                 surprise_tier=answer.surprise_tier if i == 0 and dec.signals.surprise is not None else None,
                 snarc_s=sn.s, snarc_n=sn.n, snarc_a=sn.a, snarc_r=sn.r, snarc_c=sn.c, salience=sn.salience,
-                outcome=o.outcome, witness=o.witness, gold=o.gold, predicted=o.predicted, priority=req.priority))
+                outcome=o.outcome, witness=o.witness, gold=o.gold, predicted=o.predicted, priority=req.priority,
+                messages_hash=key))
             if o.reward is not None and c.model_version_id is not None:
                 before, after = self.memory.trust.observe(c.model_version_id, dec.context, o.reward)
                 updates.append(TrustUpdate(c.model_version_id, dec.context, before.alpha, before.beta,
@@ -251,7 +329,10 @@ class Engine:
             raise
         self._remember(answer, outcomes, ids)
         self.pacer.update(answer.atp)
-        self.policy.update(dec, answer, outcomes)
+        self.policy_for(req).update(dec, answer, outcomes)
+        if self.responses is not None:
+            for e, eid in zip(exps, ids):
+                self.responses.observe_row({**e, "id": eid})
         return ids
 
     def _remember(self, answer: Answer, outcomes: list[Outcome], ids: list[int]) -> None:
@@ -323,41 +404,3 @@ def _same_answer(a: Call, b: Call) -> bool:
     if a.predicted is not None or b.predicted is not None:
         return a.predicted is not None and a.predicted == b.predicted
     return normalise_prompt(a.text) == normalise_prompt(b.text)
-
-
-def feedback_update(engine: Engine, request_id: str, outcome: str | float, witness: str = "user") -> Outcome:
-    """A witnessed outcome for a request answered earlier (user feedback, a verifier).
-
-    ``outcome`` is ``"success"``, ``"failure"`` or a rating in [0, 1] (reward;
-    ≥ 0.5 counts as success). Updates the answering experience, trust and the
-    ledger in one transaction, and the in-memory index.
-
-    Raises:
-        RequestError: unknown request id, or an outcome that is none of the above.
-    """
-    if isinstance(outcome, str):
-        if outcome not in OUTCOME_VALUE:
-            raise RequestError(f"outcome must be 'success', 'failure' or a rating in [0, 1], got {outcome!r}")
-        reward, label = OUTCOME_VALUE[outcome], outcome
-    else:
-        reward = float(outcome)
-        if not 0.0 <= reward <= 1.0 or math.isnan(reward):
-            raise RequestError(f"a rating must be in [0, 1], got {outcome!r}")
-        label = "success" if reward >= 0.5 else "failure"
-    rows = [r for r in engine.store.experiences_for_request(request_id) if r["role"] != "audit"]
-    if not rows:
-        raise RequestError(f"no stored response has request id {request_id!r}; pass the id returned with the answer")
-    row = rows[-1]
-    vid, ctx = row["model_version_id"], row["context"]
-    before, after = engine.memory.trust.observe(vid, ctx, reward)
-    upd = TrustUpdate(vid, ctx, before.alpha, before.beta, after.alpha, after.beta, after.count, [witness],
-                      f"feedback {label}", None, experience_id=row["id"])
-    try:
-        engine.store.record_outcome(row["id"], label, witness, upd)
-    except Exception:
-        engine.memory.trust.set(vid, ctx, before)
-        raise
-    r = engine.memory.exp_rows.get(row["id"])
-    if r is not None:
-        engine.memory.index.set_outcome(r, OUTCOME_VALUE[label])
-    return Outcome(label, witness, reward)

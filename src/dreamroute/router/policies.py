@@ -27,7 +27,9 @@ from .types import Answer, Call, Decision, Outcome, Request
 
 @dataclass
 class RouteView:
-    """What a policy may look at when deciding: signals, neighbours, learned state."""
+    """What a policy may look at when deciding: signals, neighbours, learned state, and the
+    tiers ``available`` now (None: all; a tier whose backend failed cools down, and policies
+    do not choose it meanwhile: see ``router.cooldown``)."""
 
     signals: object
     hood: Neighbourhood
@@ -35,6 +37,7 @@ class RouteView:
     pacer: BudgetPacer
     prompt_chars: int
     prompt: str = ""
+    available: list[str] | None = None
 
 
 class Policy(Protocol):
@@ -57,6 +60,15 @@ class _Base:
         self.seed = seed
         self.rng = np.random.default_rng(seed)
 
+    def _available(self, view: RouteView) -> list[str]:
+        """The tiers the policy may choose now (all but those cooling down; never empty)."""
+        return [t for t in self.tiers if view.available is None or t in view.available] or self.tiers
+
+    def _up(self, tier: str, view: RouteView) -> str | None:
+        """The nearest available tier above ``tier``, or None."""
+        avail = self._available(view)
+        return next((t for t in self.tiers[self.tiers.index(tier) + 1:] if t in avail), None)
+
     def _decision(self, request: Request, view: RouteView, tier: str, **kw) -> Decision:
         return Decision(request_id=request.request_id, policy=self.name, tier=tier, signals=view.signals,
                         lam=view.pacer.lam, **kw)
@@ -69,7 +81,7 @@ class _Base:
 
 
 class AlwaysPolicy(_Base):
-    """Send every request to one tier."""
+    """Send every request to one tier (while it cools down, the engine's fallback answers)."""
 
     def __init__(self, tiers: list[str], tier: str, seed: int = 0):
         super().__init__(tiers, seed)
@@ -93,10 +105,11 @@ class RandomPolicy(_Base):
         self.name = "random" if p_top is None else f"random:{p_top:g}"
 
     def route(self, request: Request, view: RouteView) -> Decision:
+        avail = self._available(view)
         if self.p_top is None:
-            tier = self.tiers[int(self.rng.integers(len(self.tiers)))]
+            tier = avail[int(self.rng.integers(len(avail)))]
         else:
-            tier = self.tiers[-1] if self.rng.random() < self.p_top else self.tiers[0]
+            tier = avail[-1] if self.rng.random() < self.p_top else avail[0]
         return self._decision(request, view, tier)
 
 
@@ -112,12 +125,11 @@ class CascadePolicy(_Base):
         self.name = f"cascade:{threshold:g}"
 
     def route(self, request: Request, view: RouteView) -> Decision:
-        return self._decision(request, view, self.tiers[0])
+        return self._decision(request, view, self._available(view)[0])
 
     def escalate(self, decision: Decision, call: Call, view: RouteView) -> str | None:
-        i = self.tiers.index(call.tier)
-        if i + 1 < len(self.tiers) and call.confidence is not None and call.confidence < self.threshold:
-            return self.tiers[i + 1]
+        if call.confidence is not None and call.confidence < self.threshold:
+            return self._up(call.tier, view)
         return None
 
 
@@ -212,7 +224,8 @@ class DreamroutePolicy(_Base):
         target = self.quality_target
         if request.priority >= 0.5 and target is not None:
             target = min(1.0, target + 0.1)
-        allowed = [t for t in self.tiers if target is None or p_hat[t] >= target] or [max(self.tiers, key=p_hat.get)]
+        avail = self._available(view)
+        allowed = [t for t in avail if target is None or p_hat[t] >= target] or [max(avail, key=p_hat.get)]
 
         def best(est: dict[str, float]) -> str:
             # candidates: each allowed tier directly, and each lower tier as the first step of a
@@ -220,7 +233,7 @@ class DreamroutePolicy(_Base):
             cands = [(est[t] - price[t], -atp[t], t) for t in allowed]
             for t in allowed:
                 i = self.tiers.index(t)
-                if i + 1 < len(self.tiers):
+                if i + 1 < len(self.tiers) and self.tiers[i + 1] in avail:
                     nxt = self.tiers[i + 1]
                     cv = self.cascade_value(i, est[t], est[nxt], price[nxt], view)
                     if cv is not None:
@@ -232,15 +245,15 @@ class DreamroutePolicy(_Base):
         n = view.signals.novelty
         p_audit = self.config.audit_base + self.config.audit_novelty * n * n
         up = self.tiers.index(tier) + 1
-        audit = bool(up < len(self.tiers) and self.rng.random() < p_audit and not view.pacer.binding)
+        audit = bool(up < len(self.tiers) and self.rng.random() < p_audit and not view.pacer.binding
+                     and self.tiers[up] in avail)
         return self._decision(request, view, tier, p_hat=p_hat, expected_atp=atp, audit=audit,
                               explored=tier != greedy)
 
     def escalate(self, decision: Decision, call: Call, view: RouteView) -> str | None:
-        i = self.tiers.index(call.tier)
-        if i + 1 >= len(self.tiers):
+        nxt = self._up(call.tier, view)
+        if nxt is None:
             return None
-        nxt = self.tiers[i + 1]
         p_now, p_next = view.memory.answer_success(call.tier, view.prompt, call, decision.p_hat.get(call.tier, 0.5),
                                                    decision.p_hat.get(nxt, 0.5))
         gain = p_next - p_now

@@ -24,6 +24,8 @@ class Request:
             ``exact``); used only to judge a response's form for confidence.
             The gold answer never travels with the request.
         item_key: workload item this request answers, if any.
+        tier: force this tier (the server's ``model: TIER``): the request is answered as
+            policy ``always:TIER`` would (no escalation, no audit), whatever the engine's policy.
     """
 
     messages: list[Message]
@@ -33,6 +35,7 @@ class Request:
     grader: str | None = None
     item_key: str | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    tier: str | None = None
 
     @classmethod
     def from_prompt(cls, prompt: str, **kw) -> "Request":
@@ -108,6 +111,24 @@ class Call:
         return self.generation.text
 
 
+@dataclass(frozen=True)
+class FailedCall:
+    """A call whose backend failed (BackendError or a timeout): recorded, charged no ATP.
+
+    Attributes:
+        tier / role: the tier called and why (``chosen``, ``escalated``, ``audit``).
+        error: the backend's message.
+        seconds: wall time the failed call took.
+        request_id: the request it was made for.
+    """
+
+    tier: str
+    role: str
+    error: str
+    seconds: float
+    request_id: str
+
+
 @dataclass
 class Answer:
     """A request's result: the decision, every call, and the answering call."""
@@ -120,6 +141,7 @@ class Answer:
     surprise_tier: str | None = None  # the tier whose log-likelihood gave the surprise
     surprise_s: float = 0.0  # seconds of surprise scoring (for a follow-up: the new tokens' prefill)
     kv: dict = field(default_factory=dict)  # tier → cache.reuse.Restore, for conversation turns
+    failures: list[FailedCall] = field(default_factory=list)  # calls that failed and fell back
 
     @property
     def kv_restored(self) -> bool:

@@ -6,7 +6,9 @@ the result of all of them. Migration 1 creates the tables; migration 2 adds
 the lookup indexes and the model-version uniqueness index; migration 3 adds
 ``experiences.surprise_tier`` (which tier's log-likelihood the surprise is)
 and the ``background_work`` table (idle-time prefills and their ATP);
-migration 4 adds ``dream_cycles`` (each consolidation cycle's stage and results).
+migration 4 adds ``dream_cycles`` (each consolidation cycle's stage and results);
+migration 5 adds ``experiences.messages_hash`` (the key of the whole message
+list, what the server's fast path looks answers up by) and its index.
 
 ``migrate(engine)`` records each applied migration in
 ``_migrations(version, name, applied_at)``; every migration runs in its own
@@ -140,11 +142,18 @@ def _m004_dream_cycles(conn: Connection) -> None:
         "CONSTRAINT ck_dream_cycles_status CHECK (status IN ('running','promoted','rejected','failed')))")
 
 
+def _m005_messages_hash(conn: Connection) -> None:
+    """experiences.messages_hash: the normalised whole-conversation key of the fast path."""
+    conn.exec_driver_sql("ALTER TABLE experiences ADD COLUMN messages_hash VARCHAR(64)")
+    conn.exec_driver_sql("CREATE INDEX ix_experiences_messages_hash ON experiences (messages_hash)")
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial tables", _m001_initial),
     (2, "indexes", _m002_indexes),
     (3, "kv cache: surprise tier, background work", _m003_kv_cache),
     (4, "dream cycles", _m004_dream_cycles),
+    (5, "fast path: messages hash", _m005_messages_hash),
 ]
 
 

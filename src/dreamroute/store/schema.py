@@ -124,6 +124,7 @@ experiences = Table(
     Column("priority", Float, nullable=False),
     Column("created_at", String(40), nullable=False),
     Column("surprise_tier", String(100)),            # migration 3: the tier that scored the surprise
+    Column("messages_hash", String(64)),             # migration 5: the whole conversation's key (fast path)
     CheckConstraint("role IN ('chosen','escalated','audit')", name="ck_experiences_role"),
     CheckConstraint("outcome IN ('success','failure','unknown')", name="ck_experiences_outcome"),
 )
@@ -132,6 +133,7 @@ Index("ix_experiences_tier", experiences.c.tier)
 Index("ix_experiences_prompt_hash", experiences.c.prompt_hash)
 Index("ix_experiences_request", experiences.c.request_id)
 Index("ix_experiences_conversation", experiences.c.conversation_id, experiences.c.turn)
+Index("ix_experiences_messages_hash", experiences.c.messages_hash)
 
 ledger = Table(
     "ledger", metadata,
@@ -149,7 +151,7 @@ Index("ix_ledger_entity", ledger.c.entity, ledger.c.seq)
 background_work = Table(                              # migration 3
     "background_work", metadata,
     Column("id", Integer, primary_key=True),
-    Column("kind", String(40), nullable=False),       # "prefill" (warm handoff)
+    Column("kind", String(40), nullable=False),       # "prefill" (warm handoff), "failed_call" (fell back)
     Column("tier", String(100), nullable=False),
     Column("model_version_id", Integer, ForeignKey("model_versions.id")),
     Column("conversation_id", String(200)),
@@ -197,7 +199,7 @@ EXPERIENCE_DEFAULTS: dict[str, object] = {
     "mean_logprob": None, "confidence": None, "novelty": 0.0, "drift": 0.0,
     "instability": None, "surprise": None, "snarc_s": 0.0, "snarc_n": 0.0, "snarc_a": 0.0,
     "snarc_r": 0.0, "snarc_c": 0.0, "salience": 0.0, "outcome": "unknown", "witness": "",
-    "gold": None, "predicted": None, "priority": 0.0, "surprise_tier": None,
+    "gold": None, "predicted": None, "priority": 0.0, "surprise_tier": None, "messages_hash": None,
 }
 
 #: experience columns that must be given: nothing sensible can stand in for them.

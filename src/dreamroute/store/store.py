@@ -366,6 +366,21 @@ class Store:
         with self._read() as conn:
             return conn.execute(select(func.count()).select_from(T.experiences)).scalar_one()
 
+    def judged_answers(self) -> list[dict]:
+        """The fast path's evidence: every answer (non-audit experience) with a message-list key
+        and a success or failure on record, in id order, as dicts of ``id, request_id,
+        messages_hash, tier, context, response, prompt_tokens, completion_tokens, outcome,
+        witness``."""
+        e = T.experiences
+        cols = ["id", "request_id", "messages_hash", "tier", "context", "response", "prompt_tokens",
+                "completion_tokens", "outcome", "witness"]
+        stmt = (select(*[e.c[c] for c in cols])
+                .where(e.c.messages_hash.is_not(None), e.c.role != "audit",
+                       e.c.outcome.in_(("success", "failure")))
+                .order_by(e.c.id))
+        with self._read() as conn:
+            return [dict(zip(cols, r)) for r in conn.execute(stmt)]
+
     def experiences_for_request(self, request_id: str) -> list[dict]:
         """Every experience (all columns) of one request, in id order; [] for an unknown id."""
         e = T.experiences

@@ -1,0 +1,5 @@
+"""The OpenAI-compatible server (``dreamroute serve``): :func:`create_app` builds it."""
+
+from .app import create_app, derive_conversation_id
+
+__all__ = ["create_app", "derive_conversation_id"]

@@ -1,0 +1,315 @@
+"""The OpenAI-compatible server: ``create_app(settings)`` builds a FastAPI app over one DreamRoute.
+
+Endpoints: ``POST /v1/chat/completions`` (``model``: a tier name forces that tier, ``dreamroute``
+routes), ``GET /v1/models``, ``POST /v1/feedback``, ``GET /v1/trust``, ``GET /metrics``
+(Prometheus), ``GET /health`` (never behind the key). Each chat completion says who answered:
+headers ``x-dreamroute-tier``, ``x-dreamroute-context``, ``x-dreamroute-atp`` (J),
+``x-dreamroute-request-id``, ``x-dreamroute-fast-path``, and a ``dreamroute`` object in the body.
+
+Concurrency: the DreamRoute (engine, backends, learned memory) is not thread-safe, so its work
+runs one request at a time behind one lock, in a worker thread: the event loop keeps serving
+``/health``, ``/metrics`` and fast-path hits while a model generates. A request that waits for
+the lock longer than ``server.request_timeout_s`` is refused (503 ``server_busy``).
+
+Streaming: the router may read a cheap tier's answer before it commits to it (escalation,
+audit), so a routed answer is complete before its first chunk is sent. A stream is then the
+role chunk, the text in word chunks, a final chunk with ``finish_reason`` and the ``dreamroute``
+object, OpenAI's usage chunk when ``stream_options.include_usage``, and ``data: [DONE]``: its
+time to first token is the answer's latency.
+
+Conversations: ``conversation_id`` (body) or ``x-dreamroute-conversation-id`` (header) files a
+request under a conversation, whose KV state the reality cache keeps per tier. Without one, a
+request with earlier turns gets an id derived from its system prompt, first user message and
+``user`` (:func:`derive_conversation_id`), so a client that resends the history reuses the cache
+from its third turn on; send an explicit id to reuse it from the second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+
+from ..api import DreamRoute
+from ..backends.base import Message
+from ..cache.response import messages_key
+from ..config import Settings
+from ..errors import BackendError
+from .errors import APIError, install
+from .fastpath import RESPONSE_PREFIX, FastPath
+from .guard import Guard
+from .metrics import ServerMetrics
+from .schema import (AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, DreamrouteInfo,
+                     FeedbackRequest, Usage, chunk)
+
+ROUTED = "dreamroute"
+CONV_HEADER = "x-dreamroute-conversation-id"
+PRIORITY_HEADER = "x-dreamroute-priority"
+
+
+class Metabolic(Protocol):
+    """What the server needs of a metabolic controller (``dreamroute.metabolic.MetabolicController``;
+    pass it to :func:`create_app` or attach it as ``app.state.dreamroute.metabolic``)."""
+
+    def snapshot(self) -> dict: ...
+
+
+def derive_conversation_id(messages: list[Message], user: str | None = None) -> str | None:
+    """``auto-<hash>`` of the system prompt(s), the first user message and ``user`` when the
+    request has earlier turns (more than one user message), else None. Deterministic, so every
+    turn of a conversation a client resends gets the same id; two conversations that open alike
+    share it, which costs nothing wrong: a KV state is reused only when its tokens are a prefix
+    of the new prompt."""
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if len(users) < 2:
+        return None
+    head = [m for m in messages[:users[0]] if m["role"] == "system"] + [messages[users[0]]]
+    return "auto-" + hashlib.sha256(f"{messages_key(head)}|{user or ''}".encode()).hexdigest()[:32]
+
+
+class ServerState:
+    """Everything one app holds (no module-level state): settings, the DreamRoute and its lock,
+    metrics, the fast path, the start time, and the metabolic controller once attached."""
+
+    def __init__(self, settings: Settings, dr: DreamRoute, own: bool, metabolic: Metabolic | None):
+        self.settings, self.dr, self.own, self.metabolic = settings, dr, own, metabolic
+        self.lock = threading.Lock()
+        self.metrics = ServerMetrics(dr)
+        self.fast = FastPath(dr)
+        self.started = time.time()
+        self.answered = 0
+        dr.engine.on_failure = lambda f: self.metrics.backend_failures.labels(f.tier).inc()
+
+    async def run(self, fn, *args) -> Any:
+        """``fn(*args)`` in a worker thread holding the engine lock (503 after ``request_timeout_s``)."""
+        timeout = self.settings.server.request_timeout_s
+
+        def work():
+            if not self.lock.acquire(timeout=timeout):
+                raise APIError(503, f"The server stayed busy for {timeout:g} s (requests are answered one at "
+                                    "a time); retry later.", code="server_busy", headers={"Retry-After": "1"})
+            try:
+                return fn(*args)
+            finally:
+                self.lock.release()
+        return await anyio.to_thread.run_sync(work)
+
+    async def idle(self) -> None:
+        """Between requests: run one queued warm-handoff prefill if nothing else holds the engine."""
+        kv = self.dr.engine.kv
+        if kv is None or not kv.pending or self.lock.locked():
+            return
+
+        def work():
+            if self.lock.acquire(blocking=False):
+                try:
+                    self.dr.idle(1)
+                finally:
+                    self.lock.release()
+        await anyio.to_thread.run_sync(work)
+
+
+def count_prompt_tokens(dr: DreamRoute, messages: list[Message], tier: str | None) -> int:
+    """Prompt tokens under the chat template of ``tier`` (or the cheapest available tier); about
+    one per 4 characters where that backend has no tokenizer (a remote server)."""
+    name = tier or (dr.engine.cooldown.available() or dr.engine.tiers)[0]
+    try:
+        return len(dr.backends[name].prompt_tokens(messages))
+    except (BackendError, AttributeError, NotImplementedError):
+        return sum(len(m["content"]) + 16 for m in messages) // 4
+
+
+def _answer(st: ServerState, messages, tier, conv, priority, max_tokens):
+    """In the worker thread, under the lock: check the prompt's length, then answer."""
+    settings = st.settings
+    n = count_prompt_tokens(st.dr, messages, tier)
+    ctx, limit = settings.context_tokens, settings.max_prompt_tokens
+    if n > limit:
+        raise APIError(400, f"The messages are {n} tokens; this server accepts at most {limit} "
+                            "(server.max_prompt_tokens). Shorten the messages.",
+                       param="messages", code="context_length_exceeded")
+    if n + max_tokens > ctx:
+        raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
+                            f"{n + max_tokens} tokens ({n} in the messages, {max_tokens} in the completion). "
+                            "Please reduce the length of the messages or completion.",
+                       param="messages", code="context_length_exceeded")
+    ans = st.dr.complete(messages, conversation_id=conv, priority=priority, max_tokens=max_tokens, tier=tier)
+    st.answered += 1
+    return ans
+
+
+def _feedback(st: ServerState, rid: str, body: FeedbackRequest) -> dict:
+    """In the worker thread, under the lock: a user's verdict on a response (witness ``user:api``)."""
+    rows = [r for r in st.dr.store.experiences_for_request(rid) if r["role"] != "audit"]
+    if not rows:
+        raise APIError(404, f"No response with id {body.id!r} is on record; send the id of a chat completion "
+                            "(chatcmpl-...) or its dreamroute.request_id.", param="id", code="response_not_found")
+    row = rows[-1]
+    vid, ctx = row["model_version_id"], row["context"]
+    before = st.dr.memory.trust.get(vid, ctx).mean
+    oc = st.dr.record_outcome(rid, body.outcome if body.outcome is not None else body.rating, witness="user:api")
+    return {"object": "feedback", "id": body.id, "request_id": rid, "outcome": oc.outcome, "reward": oc.reward,
+            "witness": oc.witness, "tier": row["tier"], "context": ctx, "trust_before": before,
+            "trust_after": st.dr.memory.trust.get(vid, ctx).mean}
+
+
+def _respond(body: ChatCompletionRequest, rid: str, text: str, finish: str, usage: Usage, info: DreamrouteInfo,
+             background: BackgroundTask | None = None) -> Response:
+    cid = RESPONSE_PREFIX + rid
+    headers = {"x-dreamroute-tier": info.tier, "x-dreamroute-context": info.context,
+               "x-dreamroute-atp": f"{info.atp_joules:.4f}", "x-dreamroute-request-id": rid,
+               "x-dreamroute-fast-path": "1" if info.fast_path else "0"}
+    if not body.stream:
+        out = ChatCompletion(id=cid, model=body.model, usage=usage, dreamroute=info,
+                             choices=[Choice(message=AssistantMessage(content=text), finish_reason=finish)])
+        return JSONResponse(out.model_dump(), headers=headers, background=background)
+    created = int(time.time())
+    with_usage = bool(body.stream_options and body.stream_options.include_usage)
+    extra = {"usage": None} if with_usage else {}
+
+    async def events():
+        yield _sse(chunk(cid, body.model, created, {"role": "assistant", "content": ""}, **extra))
+        for piece in re.findall(r"\S+\s*|\s+", text):
+            yield _sse(chunk(cid, body.model, created, {"content": piece}, **extra))
+        yield _sse(chunk(cid, body.model, created, {}, finish, dreamroute=info.model_dump(), **extra))
+        if with_usage:
+            yield _sse(chunk(cid, body.model, created, None, usage=usage.model_dump()))
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(events(), media_type="text/event-stream", background=background,
+                             headers={**headers, "cache-control": "no-cache"})
+
+
+def _sse(obj: dict) -> str:
+    return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+
+
+def _priority(body: ChatCompletionRequest, request: Request) -> float:
+    raw = request.headers.get(PRIORITY_HEADER)
+    if raw is None:
+        return body.priority or 0.0
+    try:
+        p = float(raw)
+    except ValueError:
+        p = float("nan")
+    if not 0.0 <= p <= 1.0:
+        raise APIError(400, f"{PRIORITY_HEADER} must be a number in [0, 1], got {raw!r}", param=PRIORITY_HEADER)
+    return p
+
+
+def create_app(settings: Settings, *, dr: DreamRoute | None = None, metabolic: Metabolic | None = None) -> FastAPI:
+    """The server app over ``dr``, or over a DreamRoute built from ``settings`` (policy, budget, fast
+    path and cooldown from ``settings.server``; closed when the app shuts down).
+
+    Args:
+        settings: server settings (``settings.server``) and, when ``dr`` is None, everything else.
+        dr: a ready DreamRoute (tests pass one on scripted backends); its policy, budget, fast path
+            and cooldown are its own.
+        metabolic: a metabolic controller whose ``snapshot()`` ``/v1/trust`` reports (None: none yet).
+    """
+    srv = settings.server
+    own = dr is None
+    if dr is None:
+        dr = DreamRoute(settings, policy=srv.policy, budget=srv.budget, fast_path=srv.fast_path,
+                        cooldown_s=srv.cooldown_s)
+    st = ServerState(settings, dr, own, metabolic)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        if st.own:
+            st.dr.close()
+
+    app = FastAPI(title="dreamroute", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.dreamroute = st
+    install(app, lambda err, req: st.metrics.error(err.status, err.code or err.type,
+                                                   req.url.path == "/v1/chat/completions"))
+    app.add_middleware(Guard, api_key=srv.api_key, max_bytes=srv.max_request_bytes,
+                       on_reject=lambda err: st.metrics.error(err.status, err.code or err.type, False))
+    tiers = list(dr.engine.tiers)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        t0 = time.perf_counter()
+        if body.model != ROUTED and body.model not in tiers:
+            raise APIError(404, f"The model `{body.model}` does not exist. Models here: "
+                                f"{', '.join([ROUTED, *tiers])} ({ROUTED} routes; a tier name forces that tier).",
+                           param="model", code="model_not_found")
+        tier = None if body.model == ROUTED else body.model
+        max_tokens = body.limit(srv.default_max_tokens)
+        if max_tokens > srv.max_completion_tokens:
+            raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most "
+                                f"{srv.max_completion_tokens} (server.max_completion_tokens).", param="max_tokens")
+        messages = body.chat()
+        if not any(m["role"] == "user" and m["content"].strip() for m in messages):
+            raise APIError(400, "messages need a user message with text.", param="messages")
+        priority = _priority(body, request)
+        conv = body.conversation_id or request.headers.get(CONV_HEADER) or derive_conversation_id(messages, body.user)
+        if st.fast.enabled and (found := st.fast.lookup(messages, max_tokens, tier)) is not None:
+            rid, hit = found
+            st.metrics.hit(hit.tier, hit.context, time.perf_counter() - t0)
+            info = DreamrouteInfo(request_id=rid, tier=hit.tier, context=hit.context, atp_joules=0.0,
+                                  fast_path=True, cached_from=hit.request_id, conversation_id=conv)
+            usage = Usage(prompt_tokens=hit.prompt_tokens, completion_tokens=hit.completion_tokens,
+                          total_tokens=hit.prompt_tokens + hit.completion_tokens)
+            return _respond(body, rid, hit.text, "stop", usage, info)
+        ans = await st.run(_answer, st, messages, tier, conv, priority, max_tokens)
+        st.metrics.answered(ans, "forced" if tier else "routed", time.perf_counter() - t0)
+        gens = [c.generation for c in ans.calls]
+        p, c = sum(g.prompt_tokens for g in gens), sum(g.completion_tokens for g in gens)
+        usage = Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c,
+                      prompt_tokens_details={"cached_tokens": sum(g.cached_tokens for g in gens)})
+        info = DreamrouteInfo(request_id=ans.request.request_id, tier=ans.tier, context=ans.decision.context,
+                              atp_joules=ans.atp, kv_restored=ans.kv_restored, escalated=ans.escalated,
+                              audited=ans.audited, conversation_id=conv,
+                              calls=[{"tier": c.tier, "role": c.role, "atp_joules": c.atp} for c in ans.calls],
+                              failed_tiers=[f.tier for f in ans.failures])
+        return _respond(body, ans.request.request_id, ans.text, ans.final.generation.finish_reason, usage, info,
+                        BackgroundTask(st.idle))
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        names = {t.name: t.model for t in dr.settings.tiers}
+        data = [{"id": ROUTED, "object": "model", "created": int(st.started), "owned_by": "dreamroute",
+                 "description": f"routed across {', '.join(tiers)} ({dr.policy.name})"}]
+        data += [{"id": t, "object": "model", "created": int(st.started), "owned_by": "dreamroute",
+                  "description": names.get(t, t)} for t in tiers]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/feedback")
+    async def feedback(body: FeedbackRequest) -> dict:
+        return await st.run(_feedback, st, st.fast.resolve(body.id), body)
+
+    @app.get("/v1/trust")
+    async def trust() -> dict:
+        rows = await anyio.to_thread.run_sync(dr.trust)
+        p = dr.pacer
+        return {"object": "trust", "trust": rows,
+                "pacer": {"lambda": p.lam, "budget_joules": p.budget, "atp_spent_joules": p.spent,
+                          "average_atp_joules": p.average, "smoothed_atp_joules": p.smoothed,
+                          "routed_requests": p.n, "binding": p.binding},
+                "requests": {"served": st.answered + st.fast.hits, "routed": st.answered, "fast_path": st.fast.hits},
+                "fast_path": {"enabled": st.fast.enabled, "entries": len(dr.responses or ())},
+                "cooldown": dr.engine.cooldown.remaining(),
+                "metabolic": st.metabolic.snapshot() if st.metabolic is not None else None}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        text = await anyio.to_thread.run_sync(st.metrics.exposition)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "tiers": tiers, "policy": dr.policy.name,
+                "store": str(dr.store.path or dr.store.url), "uptime_s": round(time.time() - st.started, 3),
+                "busy": st.lock.locked()}
+
+    return app
