@@ -27,7 +27,7 @@ def _ctl(**kw):
 def test_wake_routes_normally():
     ctl, _ = _ctl()
     k = ctl.on_request(priority=0.0, salience=0.3)
-    assert k.state is State.WAKE and k.force_tier is None and k.lam_scale == 1.0 and k.quality_boost == 0.0
+    assert k.state is State.WAKE and k.force_tier is None and k.lam_scale == 1.0 and k.quality_floor is None
 
 
 def test_focus_on_salient_traffic_with_budget_left_and_back():
@@ -35,7 +35,7 @@ def test_focus_on_salient_traffic_with_budget_left_and_back():
     for _ in range(5):
         k = ctl.on_request(0.0, 0.8)
         ctl.on_answer(10.0)
-    assert ctl.state is State.FOCUS and k.lam_scale == 0.25 and k.quality_boost == 0.1
+    assert ctl.state is State.FOCUS and k.lam_scale == 0.25 and k.quality_floor == 0.5
     low = ctl.on_request(0.0, 0.2)  # a dull request in FOCUS keeps the normal price
     assert low.state is State.FOCUS and low.lam_scale == 1.0
     for _ in range(5):

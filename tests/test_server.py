@@ -186,7 +186,7 @@ def test_feedback_updates_trust_and_ledger(tmp_path):
     assert fb2["outcome"] == "failure" and fb2["reward"] == 0.2
     trust = c.get("/v1/trust").json()
     assert {(t["tier"], t["context"]) for t in trust["trust"]} >= {("tactical", fb["context"])}
-    assert trust["metabolic"] is None and trust["requests"] == {"served": 2, "routed": 2, "fast_path": 0}
+    assert trust["metabolic"]["state"] == "WAKE" and trust["requests"] == {"served": 2, "routed": 2, "fast_path": 0}
     assert set(trust["pacer"]) >= {"lambda", "budget_joules", "atp_spent_joules", "routed_requests"}
     assert dr.store.verify_ledger().ok
 
@@ -305,11 +305,3 @@ def test_conversation_id_derived_and_kv_reused(tmp_path):
     assert r.json()["dreamroute"]["conversation_id"] == "hdr-chat"
     assert dr.store.experiences(["priority"])[-1]["priority"] == 0.9
 
-
-def test_metabolic_hook(tmp_path):
-    class Controller:
-        def snapshot(self):
-            return {"state": "WAKE", "history": []}
-    c, dr = make(tmp_path)
-    c.app.state.dreamroute.metabolic = Controller()
-    assert c.get("/v1/trust").json()["metabolic"] == {"state": "WAKE", "history": []}

@@ -95,16 +95,9 @@ class DreamRoute:
         if missing:
             raise ValueError(f"backends missing for tiers {missing}")
         self.backends = backends
-        identities = {t: backends[t].identity for t in tiers}
-        versions = {t.name: self.store.ensure_model_version(t.name, identities[t.name], t.model)
-                    for t in self.settings.tiers}
-        for tier, v in self.store.active_versions().items():  # a promoted DREAM adapter is served
-            if tier in backends and v.adapter_path and hasattr(backends[tier], "use_adapter"):
-                backends[tier].use_adapter(v.adapter_path)
-        # speed calibration describes the base model: an adapter (DREAM, config `lora:`) reuses it
-        base_ids = {t: getattr(backends[t], "base_identity", identities[t]) for t in tiers}
-        self.memory = Memory(tiers, self.settings.router, tier_costs(self.settings, self.store, base_ids))
-        self.memory.load(self.store, versions)
+        # the configured identities (a config `lora:` included), before any DREAM adapter is applied
+        self._identities = {t: backends[t].identity for t in tiers}
+        self.memory = self._load_versions()
         self.pacer = BudgetPacer(budget, self.settings.router.lambda_rate, self.settings.router.lambda_init,
                                  self.settings.router.pacing_horizon)
         cc = self.settings.cache
@@ -114,6 +107,40 @@ class DreamRoute:
             self.responses.load(self.store)
         self.engine = Engine(tiers, backends, self.store, self.memory, self.policy, self.pacer, run_id,
                              kv=self.kv, handoff=cc.handoff, responses=self.responses, cooldown_s=cooldown_s)
+
+    def _load_versions(self) -> Memory:
+        """Serve each tier's active version (a promoted DREAM adapter on its base) and build the
+        learned memory for those versions from the store."""
+        tiers, backends = self.settings.tier_names, self.backends
+        versions = {t.name: self.store.ensure_model_version(t.name, self._identities[t.name], t.model)
+                    for t in self.settings.tiers}
+        for tier, vid in versions.items():
+            b = backends[tier]
+            if not hasattr(b, "use_adapter"):
+                continue
+            v = self.store.get_version(vid)
+            want = v.adapter_path if v.adapter_path else (self.settings.tier(tier).lora or None)
+            if str(want or "") != str(getattr(b, "lora_path", None) or ""):
+                b.use_adapter(want)
+        # speed calibration describes the base model: an adapter (DREAM, config `lora:`) reuses it
+        base_ids = {t: getattr(backends[t], "base_identity", self._identities[t]) for t in tiers}
+        memory = Memory(tiers, self.settings.router, tier_costs(self.settings, self.store, base_ids))
+        memory.load(self.store, versions)
+        return memory
+
+    def refresh_versions(self) -> bool:
+        """Serve the store's active versions again, after a DREAM cycle in another process
+        promoted one (or a rollback reverted it). Rebuilds the learned memory when a tier's
+        version changed (its trust is the new version's). Returns whether anything changed.
+        Call it only while no request is being answered (the server holds its engine lock)."""
+        before = dict(self.memory.versions)
+        active = {t: self.store.active_versions().get(t) for t in self.settings.tier_names}
+        if all(v is not None and v.id == before.get(t) for t, v in active.items()):
+            return False
+        memory = self._load_versions()
+        memory.conversations, memory.serving = self.memory.conversations, self.memory.serving
+        self.memory = self.engine.memory = memory
+        return dict(memory.versions) != before
 
     def complete(self, prompt: str | list[dict], *, gold: str | None = None, grader: str | None = None,
                  conversation_id: str | None = None, priority: float = 0.0, max_tokens: int = 320,

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .metabolic import MetabolicConfig
 from .errors import ConfigError, UnknownTierError
 
 CONTEXTS = ("stable", "moving", "unstable", "novel")
@@ -285,6 +286,7 @@ class Settings(BaseSettings):
     model_cache: Path | None = None
     threads: int | None = Field(None, ge=1)
     cache: CacheConfig = Field(default_factory=lambda: CacheConfig())
+    metabolic: MetabolicConfig = Field(default_factory=lambda: MetabolicConfig())
     server: ServerConfig = Field(default_factory=lambda: ServerConfig())
 
     @field_validator("tiers")

@@ -6,8 +6,9 @@ DESIGN.md's five states, and what each one changes:
 * ``FOCUS``: recent requests are salient (mean pre-answer SNARC salience of the
   last ``focus_window`` requests ≥ ``focus_enter``) and the period's budget has
   room (≥ ``focus_min_budget`` left): a high-salience request (salience ≥
-  ``focus_enter``) gets a higher quality target (``+focus_quality_boost``) and a
-  cheaper ATP price (λ × ``focus_lambda_scale``). Back to WAKE below
+  ``focus_enter``) gets a higher quality target (only tiers with p̂ ≥
+  ``focus_quality_target`` are chosen, unless none reaches it) and a cheaper ATP
+  price (λ × ``focus_lambda_scale``). Back to WAKE below
   ``focus_exit`` or when the budget runs low.
 * ``REST``: nothing arrived for ``rest_after_s``: the tiers above the
   ``keep_loaded`` cheapest are unloaded (their memory freed); a request that
@@ -59,7 +60,7 @@ class MetabolicConfig(BaseModel):
         focus_enter / focus_exit: mean salience at which FOCUS starts / ends (enter > exit).
         focus_min_budget: fraction of the period's budget that must be left for FOCUS.
         focus_lambda_scale: λ multiplier for a high-salience request in FOCUS, (0, 1].
-        focus_quality_boost: added to the quality target for such a request, [0, 1].
+        focus_quality_target: the least p̂ a tier needs to answer such a request, [0, 1].
         rest_after_s: idle seconds before REST.
         keep_loaded: cheapest tiers kept in memory in REST (≥ 1).
         dream_after_s: idle seconds before DREAM (≥ rest_after_s).
@@ -67,6 +68,9 @@ class MetabolicConfig(BaseModel):
         crisis_priority: a request priority at or above it starts CRISIS, (0, 1].
         crisis_hold_s: CRISIS lasts this long after the last crisis request, s.
         history: state transitions kept in memory.
+        tick_s: seconds between the server's checks of time-driven transitions.
+        dream_student / dream_teacher: the tiers a DREAM cycle distils into / from (None: the
+            two top tiers of the hierarchy).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -78,7 +82,7 @@ class MetabolicConfig(BaseModel):
     focus_exit: float = Field(0.5, ge=0, le=1)
     focus_min_budget: float = Field(0.25, ge=0, le=1)
     focus_lambda_scale: float = Field(0.25, gt=0, le=1)
-    focus_quality_boost: float = Field(0.1, ge=0, le=1)
+    focus_quality_target: float = Field(0.5, ge=0, le=1)
     rest_after_s: float = Field(300.0, ge=0)
     keep_loaded: int = Field(1, ge=1)
     dream_after_s: float = Field(900.0, ge=0)
@@ -86,6 +90,9 @@ class MetabolicConfig(BaseModel):
     crisis_priority: float = Field(0.95, gt=0, le=1)
     crisis_hold_s: float = Field(60.0, ge=0)
     history: int = Field(500, ge=1)
+    tick_s: float = Field(5.0, gt=0)
+    dream_student: str | None = None
+    dream_teacher: str | None = None
 
     @model_validator(mode="after")
     def _ordered(self) -> "MetabolicConfig":
@@ -100,12 +107,12 @@ class MetabolicConfig(BaseModel):
 @dataclass(frozen=True)
 class Knobs:
     """What the state changes for one request: a forced tier (CRISIS), a λ multiplier and a
-    quality-target boost (FOCUS)."""
+    quality-target floor (FOCUS)."""
 
     state: State
     force_tier: str | None = None
     lam_scale: float = 1.0
-    quality_boost: float = 0.0
+    quality_floor: float | None = None
 
 
 @dataclass(frozen=True)
@@ -216,7 +223,7 @@ class MetabolicController:
             return Knobs(State.CRISIS, force_tier=self.tiers[-1])
         self._update_focus()
         if self.state is State.FOCUS and salience >= cfg.focus_enter:
-            return Knobs(State.FOCUS, lam_scale=cfg.focus_lambda_scale, quality_boost=cfg.focus_quality_boost)
+            return Knobs(State.FOCUS, lam_scale=cfg.focus_lambda_scale, quality_floor=cfg.focus_quality_target)
         return Knobs(self.state)
 
     def on_answer(self, atp: float) -> None:

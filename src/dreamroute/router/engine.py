@@ -105,6 +105,7 @@ class Engine:
         self.responses = responses
         self.cooldown = Cooldown(self.tiers, cooldown_s)
         self.on_failure: Callable[[FailedCall], None] | None = None
+        self.metabolic = None  # a MetabolicController (the server's): knobs per request, ATP spent
         self._forced: dict[str, Policy] = {}
         self._failures: list[FailedCall] = []
 
@@ -245,9 +246,15 @@ class Engine:
         vec = self.memory.encoder.encode(request.prompt)
         hood = self.memory.neighbourhood(vec)
         signals, surprise_atp, surprise_s, surprise_tier = self._signals(request, vec, hood, policy)
+        knobs = self._knobs(request, signals)
+        if knobs is not None and knobs.force_tier is not None and request.tier is None:
+            request.tier = knobs.force_tier  # CRISIS: the top tier, whatever the budget
+            policy = self.policy_for(request)
         view = RouteView(signals, hood, self.memory, self.pacer,
                          sum(len(m.get("content", "")) for m in request.messages), request.prompt,
-                         available=self.cooldown.available())
+                         available=self.cooldown.available(),
+                         lam_scale=knobs.lam_scale if knobs is not None else 1.0,
+                         quality_floor=knobs.quality_floor if knobs is not None else None)
         decision = policy.route(request, view)
         t1, c1 = time.perf_counter(), time.thread_time()
         decision.overhead_ms = ((t1 - t0) - surprise_s) * 1e3
@@ -264,8 +271,19 @@ class Engine:
                 calls.append(call)
         answer = Answer(request, decision, calls, surprise_atp, surprise_tier=surprise_tier,
                         surprise_s=surprise_s, kv=dict(self._restored), failures=list(self._failures))
+        if knobs is not None:
+            answer.metabolic_state = knobs.state.value
+            self.metabolic.on_answer(answer.atp)
         answer._vec = vec  # kept for learn()
         return answer
+
+    def _knobs(self, request: Request, signals: Signals):
+        """The metabolic controller's knobs for this request, from its pre-answer salience
+        (SNARC with the outcome unknown and no conflict yet), or None without a controller."""
+        if self.metabolic is None:
+            return None
+        pre = snarc(signals.surprise_z, signals.novelty, request.priority, None, 0.0, self.config.snarc_weights)
+        return self.metabolic.on_request(request.priority, pre.salience)
 
     # ---- judging and learning --------------------------------------------------------
     def judge(self, answer: Answer, gold: str | None = None) -> list[Outcome]:
@@ -387,6 +405,8 @@ class Engine:
             tokens, secs = res
             atp = self.memory.costs[job.tier].joules(tokens, 0)
             self.pacer.charge(atp)
+            if self.metabolic is not None:
+                self.metabolic.on_background(atp)
             self.store.record_background("prefill", job.tier, tokens, atp, secs,
                                          model_version_id=self.memory.versions.get(job.tier),
                                          conversation_id=job.conversation, run_id=job.run_id)

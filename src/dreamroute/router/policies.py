@@ -38,6 +38,13 @@ class RouteView:
     prompt_chars: int
     prompt: str = ""
     available: list[str] | None = None
+    lam_scale: float = 1.0
+    quality_floor: float | None = None
+
+    def price(self, atp: float) -> float:
+        """The pacer's price of ``atp`` J, scaled by the metabolic state (FOCUS lowers λ for a
+        salient request: ``lam_scale`` < 1)."""
+        return self.pacer.price(atp) * self.lam_scale
 
 
 class Policy(Protocol):
@@ -220,10 +227,12 @@ class DreamroutePolicy(_Base):
         p_hat = self.estimates(view, sample=False)
         draw = self.estimates(view, sample=True)
         atp = {t: view.memory.expected_atp(view.hood, t, view.prompt_chars, request.max_tokens) for t in self.tiers}
-        price = {t: view.pacer.price(atp[t]) for t in self.tiers}
+        price = {t: view.price(atp[t]) for t in self.tiers}
         target = self.quality_target
         if request.priority >= 0.5 and target is not None:
             target = min(1.0, target + 0.1)
+        if view.quality_floor is not None:  # FOCUS: a salient request gets a tier expected to manage it
+            target = max(target or 0.0, view.quality_floor)
         avail = self._available(view)
         allowed = [t for t in avail if target is None or p_hat[t] >= target] or [max(avail, key=p_hat.get)]
 
@@ -258,7 +267,7 @@ class DreamroutePolicy(_Base):
                                                    decision.p_hat.get(nxt, 0.5))
         gain = p_next - p_now
         cost = decision.expected_atp.get(nxt, 0.0)
-        if gain > view.pacer.price(cost):
+        if gain > view.price(cost):
             return nxt
         return None
 

@@ -142,6 +142,7 @@ class Answer:
     surprise_s: float = 0.0  # seconds of surprise scoring (for a follow-up: the new tokens' prefill)
     kv: dict = field(default_factory=dict)  # tier → cache.reuse.Restore, for conversation turns
     failures: list[FailedCall] = field(default_factory=list)  # calls that failed and fell back
+    metabolic_state: str | None = None  # the metabolic state it was routed in (with a controller)
 
     @property
     def kv_restored(self) -> bool:

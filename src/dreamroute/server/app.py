@@ -32,7 +32,7 @@ import re
 import threading
 import time
 from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
@@ -44,23 +44,19 @@ from ..backends.base import Message
 from ..cache.response import messages_key
 from ..config import Settings
 from ..errors import BackendError
+from ..metabolic import MetabolicController
 from .errors import APIError, install
 from .fastpath import RESPONSE_PREFIX, FastPath
 from .guard import Guard
+from .dashboard import dashboard_data, dashboard_page
+from .metabolism import Metabolism
 from .metrics import ServerMetrics
 from .schema import (AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, DreamrouteInfo,
-                     FeedbackRequest, Usage, chunk)
+                     FeedbackRequest, MetabolicRequest, Usage, chunk)
 
 ROUTED = "dreamroute"
 CONV_HEADER = "x-dreamroute-conversation-id"
 PRIORITY_HEADER = "x-dreamroute-priority"
-
-
-class Metabolic(Protocol):
-    """What the server needs of a metabolic controller (``dreamroute.metabolic.MetabolicController``;
-    pass it to :func:`create_app` or attach it as ``app.state.dreamroute.metabolic``)."""
-
-    def snapshot(self) -> dict: ...
 
 
 def derive_conversation_id(messages: list[Message], user: str | None = None) -> str | None:
@@ -78,12 +74,13 @@ def derive_conversation_id(messages: list[Message], user: str | None = None) -> 
 
 class ServerState:
     """Everything one app holds (no module-level state): settings, the DreamRoute and its lock,
-    metrics, the fast path, the start time, and the metabolic controller once attached."""
+    metrics, the fast path, the start time, and the metabolism (None when it is off)."""
 
-    def __init__(self, settings: Settings, dr: DreamRoute, own: bool, metabolic: Metabolic | None):
-        self.settings, self.dr, self.own, self.metabolic = settings, dr, own, metabolic
+    def __init__(self, settings: Settings, dr: DreamRoute, own: bool):
+        self.settings, self.dr, self.own = settings, dr, own
+        self.metabolism: Metabolism | None = None
         self.lock = threading.Lock()
-        self.metrics = ServerMetrics(dr)
+        self.metrics = ServerMetrics(dr, lambda: self.metabolism)
         self.fast = FastPath(dr)
         self.started = time.time()
         self.answered = 0
@@ -205,7 +202,8 @@ def _priority(body: ChatCompletionRequest, request: Request) -> float:
     return p
 
 
-def create_app(settings: Settings, *, dr: DreamRoute | None = None, metabolic: Metabolic | None = None) -> FastAPI:
+def create_app(settings: Settings, *, dr: DreamRoute | None = None,
+               metabolic: MetabolicController | None = None) -> FastAPI:
     """The server app over ``dr``, or over a DreamRoute built from ``settings`` (policy, budget, fast
     path and cooldown from ``settings.server``; closed when the app shuts down).
 
@@ -213,18 +211,35 @@ def create_app(settings: Settings, *, dr: DreamRoute | None = None, metabolic: M
         settings: server settings (``settings.server``) and, when ``dr`` is None, everything else.
         dr: a ready DreamRoute (tests pass one on scripted backends); its policy, budget, fast path
             and cooldown are its own.
-        metabolic: a metabolic controller whose ``snapshot()`` ``/v1/trust`` reports (None: none yet).
+        metabolic: the metabolic controller (tests pass one on a fake clock); None: one from
+            ``settings.metabolic`` when it is enabled. Its states change what each request may
+            spend (``dreamroute.metabolic``); the app's lifespan ticks it every ``tick_s``
+            (unloading tiers in REST, running a DREAM cycle in a separate process).
     """
     srv = settings.server
     own = dr is None
     if dr is None:
         dr = DreamRoute(settings, policy=srv.policy, budget=srv.budget, fast_path=srv.fast_path,
                         cooldown_s=srv.cooldown_s)
-    st = ServerState(settings, dr, own, metabolic)
+    st = ServerState(settings, dr, own)
+    mc = settings.metabolic
+    if metabolic is None and mc.enabled:
+        metabolic = MetabolicController(mc, list(dr.engine.tiers))
+    if metabolic is not None:
+        st.metabolism = Metabolism(st, metabolic, tick_s=mc.tick_s, student=mc.dream_student,
+                                   teacher=mc.dream_teacher)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        yield
+        async with anyio.create_task_group() as tg:
+            if st.metabolism is not None:
+                tg.start_soon(st.metabolism.run)
+            try:
+                yield
+            finally:
+                tg.cancel_scope.cancel()
+        if st.metabolism is not None:
+            st.metabolism.stop()
         if st.own:
             st.dr.close()
 
@@ -271,7 +286,7 @@ def create_app(settings: Settings, *, dr: DreamRoute | None = None, metabolic: M
                               atp_joules=ans.atp, kv_restored=ans.kv_restored, escalated=ans.escalated,
                               audited=ans.audited, conversation_id=conv,
                               calls=[{"tier": c.tier, "role": c.role, "atp_joules": c.atp} for c in ans.calls],
-                              failed_tiers=[f.tier for f in ans.failures])
+                              failed_tiers=[f.tier for f in ans.failures], metabolic_state=ans.metabolic_state)
         return _respond(body, ans.request.request_id, ans.text, ans.final.generation.finish_reason, usage, info,
                         BackgroundTask(st.idle))
 
@@ -299,7 +314,32 @@ def create_app(settings: Settings, *, dr: DreamRoute | None = None, metabolic: M
                 "requests": {"served": st.answered + st.fast.hits, "routed": st.answered, "fast_path": st.fast.hits},
                 "fast_path": {"enabled": st.fast.enabled, "entries": len(dr.responses or ())},
                 "cooldown": dr.engine.cooldown.remaining(),
-                "metabolic": st.metabolic.snapshot() if st.metabolic is not None else None}
+                "metabolic": st.metabolism.snapshot() if st.metabolism is not None else None}
+
+    @app.get("/v1/metabolic")
+    async def metabolic_state() -> dict:
+        if st.metabolism is None:
+            raise APIError(404, "This server runs no metabolic controller (metabolic.enabled is false).",
+                           code="metabolic_disabled")
+        return st.metabolism.snapshot()
+
+    @app.post("/v1/metabolic")
+    async def set_metabolic(body: MetabolicRequest) -> dict:
+        if st.metabolism is None:
+            raise APIError(404, "This server runs no metabolic controller (metabolic.enabled is false).",
+                           code="metabolic_disabled")
+        st.metabolism.ctl.set_crisis(body.crisis)
+        return st.metabolism.snapshot()
+
+    @app.get("/dashboard")
+    async def dashboard() -> Response:
+        return Response(dashboard_page(), media_type="text/html; charset=utf-8")
+
+    @app.get("/dashboard/data")
+    async def dashboard_json() -> dict:
+        snap = st.metabolism.snapshot() if st.metabolism is not None else None
+        return await anyio.to_thread.run_sync(
+            lambda: dashboard_data(dr.store, budget=dr.pacer.budget, metabolic=snap))
 
     @app.get("/metrics")
     async def metrics() -> Response:

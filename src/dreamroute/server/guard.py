@@ -13,11 +13,11 @@ from typing import Callable
 
 from .errors import APIError
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/dashboard"})  # the page holds no data; /dashboard/data needs the key
 
 
 class Guard:
-    """ASGI middleware: auth (when ``api_key`` is set) on every path but ``/health``, then the
+    """ASGI middleware: auth (when ``api_key`` is set) on every path but ``OPEN_PATHS``, then the
     body limit on requests that carry one.
 
     Args:

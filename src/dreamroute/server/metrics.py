@@ -13,7 +13,11 @@ Histogram ``dreamroute_request_latency_seconds{path}`` (``routed`` | ``forced`` 
 ``fast_path``). Gauges read at scrape time: ``dreamroute_trust{tier, context}`` (posterior
 mean of each tier's active version), ``dreamroute_lambda``, ``dreamroute_budget_joules``,
 ``dreamroute_atp_spent_joules``, ``dreamroute_routed_requests``,
-``dreamroute_fast_path_entries``, ``dreamroute_tier_cooling{tier}`` (1 while cooling down).
+``dreamroute_fast_path_entries``, ``dreamroute_tier_cooling{tier}`` (1 while cooling down),
+``dreamroute_tier_loaded{tier}`` (1 while its model is in memory), and with a metabolic
+controller ``dreamroute_metabolic_state{state}`` (1 for the current state),
+``dreamroute_metabolic_transitions`` (state changes since start), ``dreamroute_dream_backlog``,
+``dreamroute_dream_running`` and ``dreamroute_budget_left_ratio`` (of the period's budget).
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 
 class _State:
     """Collector of the gauges read from the DreamRoute at scrape time."""
 
-    def __init__(self, dr):
-        self.dr = dr
+    def __init__(self, dr, metabolism=lambda: None):
+        self.dr, self.metabolism = dr, metabolism
 
     def describe(self):
         return []
@@ -56,12 +60,34 @@ class _State:
         for t in dr.engine.tiers:
             cooling.add_metric([t], 1.0 if t in left else 0.0)
         yield cooling
+        loaded = GaugeMetricFamily("dreamroute_tier_loaded", "1 while a tier's model is in memory", labels=["tier"])
+        for t in dr.engine.tiers:
+            loaded.add_metric([t], 1.0 if getattr(dr.backends[t], "loaded", True) else 0.0)
+        yield loaded
+        m = self.metabolism()
+        if m is None:
+            return
+        from ..metabolic import State
+        state = GaugeMetricFamily("dreamroute_metabolic_state", "1 for the current metabolic state",
+                                  labels=["state"])
+        for s in State:
+            state.add_metric([s.value], 1.0 if m.ctl.state is s else 0.0)
+        yield state
+        yield GaugeMetricFamily("dreamroute_metabolic_transitions", "Metabolic state changes kept in history",
+                                value=len(m.ctl.history))
+        yield GaugeMetricFamily("dreamroute_dream_backlog", "Witnessed teacher successes since the last DREAM "
+                                "cycle", value=m.ctl.backlog)
+        yield GaugeMetricFamily("dreamroute_dream_running", "1 while a DREAM cycle process runs",
+                                value=1.0 if m.proc is not None else 0.0)
+        yield GaugeMetricFamily("dreamroute_budget_left_ratio", "Fraction of the period's ATP budget left",
+                                value=m.ctl.budget_left())
 
 
 class ServerMetrics:
-    """The app's metrics. Args: dr: the served DreamRoute (gauges read it at scrape time)."""
+    """The app's metrics. Args: dr: the served DreamRoute (gauges read it at scrape time);
+    metabolism: returns the app's Metabolism or None (read at scrape time)."""
 
-    def __init__(self, dr):
+    def __init__(self, dr, metabolism=lambda: None):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("dreamroute_requests", "Chat completion requests by answering tier, context "
                                 "and HTTP status", ["tier", "context", "status"], registry=r)
@@ -75,7 +101,7 @@ class ServerMetrics:
         self.backend_failures = Counter("dreamroute_backend_failures", "Failed backend calls (fell back)",
                                         ["tier"], registry=r)
         self.errors = Counter("dreamroute_errors", "Error responses by code or type", ["type"], registry=r)
-        r.register(_State(dr))
+        r.register(_State(dr, metabolism))
 
     def answered(self, ans, path: str, seconds: float) -> None:
         """Count a routed answer (a :class:`~dreamroute.router.types.Answer`)."""

@@ -111,6 +111,8 @@ class DreamrouteInfo(BaseModel):
         failed_tiers: tiers whose backend failed for this request (it fell back).
         cached_from: for a fast-path hit, the request that produced the answer.
         conversation_id: the conversation the request was filed under (explicit or derived).
+        metabolic_state: the metabolic state it was routed in (WAKE, FOCUS, CRISIS ...), when
+            the server runs a metabolic controller.
     """
 
     request_id: str
@@ -122,6 +124,7 @@ class DreamrouteInfo(BaseModel):
     escalated: bool = False
     audited: bool = False
     calls: list[dict] = Field(default_factory=list)
+    metabolic_state: str | None = None
     failed_tiers: list[str] = Field(default_factory=list)
     cached_from: str | None = None
     conversation_id: str | None = None
@@ -169,3 +172,11 @@ def chunk(id: str, model: str, created: int, delta: dict | None, finish_reason: 
                                           "finish_reason": finish_reason}]
     return {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
             "system_fingerprint": None, "choices": choices, **extra}
+
+
+class MetabolicRequest(BaseModel):
+    """``POST /v1/metabolic``: set or clear the explicit crisis flag (CRISIS sends every request to
+    the top tier, whatever the budget, until cleared)."""
+
+    model_config = ConfigDict(extra="forbid")
+    crisis: bool

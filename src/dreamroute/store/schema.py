@@ -151,7 +151,7 @@ Index("ix_ledger_entity", ledger.c.entity, ledger.c.seq)
 background_work = Table(                              # migration 3
     "background_work", metadata,
     Column("id", Integer, primary_key=True),
-    Column("kind", String(40), nullable=False),       # "prefill" (warm handoff), "failed_call" (fell back)
+    Column("kind", String(40), nullable=False),  # "prefill" (warm handoff), "failed_call" (fell back), "dream"
     Column("tier", String(100), nullable=False),
     Column("model_version_id", Integer, ForeignKey("model_versions.id")),
     Column("conversation_id", String(200)),

@@ -18,7 +18,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, func, insert, select, update
+from sqlalchemy import create_engine, func, insert, or_, select, update
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -380,6 +380,17 @@ class Store:
                 .order_by(e.c.id))
         with self._read() as conn:
             return [dict(zip(cols, r)) for r in conn.execute(stmt)]
+
+    def count_successes(self, tier: str, witnesses: tuple[str, ...], *, since: str | None = None) -> int:
+        """Experiences of ``tier`` judged a success by a witness starting with one of ``witnesses``
+        (e.g. ``("ground_truth", "user", "audit:")``), created after ``since`` (ISO time) if given."""
+        e = T.experiences
+        stmt = select(func.count()).select_from(e).where(
+            e.c.tier == tier, e.c.outcome == "success", or_(*[e.c.witness.startswith(w) for w in witnesses]))
+        if since is not None:
+            stmt = stmt.where(e.c.created_at > since)
+        with self._read() as conn:
+            return conn.execute(stmt).scalar_one()
 
     def experiences_for_request(self, request_id: str) -> list[dict]:
         """Every experience (all columns) of one request, in id order; [] for an unknown id."""
