@@ -1,0 +1,184 @@
+"""A bounded load test of the server on loopback, against llama.cpp called directly (issue 6).
+
+    DREAMROUTE_THREADS=1 .venv/bin/python benchmarks/serve_load.py [--n 48] [--clients 4] \
+        [--max-tokens 32] [--tier sensory] [--json benchmarks/results/serve_load.json]
+
+In one process, on the real ``--tier`` model of the default hierarchy and a temporary store:
+
+1. ``direct``: the ``--n`` prompts (built-in generated word problems) through the tier's
+   ``LlamaBackend.generate`` one after the other, as an embedding program would call llama.cpp;
+2. ``server, 1 client``: the same prompts as ``POST /v1/chat/completions`` (``model: TIER``)
+   to ``dreamroute serve``'s app under uvicorn on 127.0.0.1, one at a time, with the official
+   ``openai`` client's transport (httpx); per request the server's overhead is its latency minus
+   the direct call's on the same prompt;
+3. ``server, C clients``: ``--clients`` concurrent clients sending the prompts again (each a new
+   request: the fast path serves only answers with a witnessed success, and none is given yet);
+   requests per second, p50/p99 latency, errors;
+4. feedback on every answer (graded against the problem's answer), then the check that nothing
+   was lost: the store holds one experience per answered request, one ledger entry per
+   feedback, and ``ledger verify`` passes;
+5. ``direct`` again, so the baseline brackets the server passes (the machine is shared).
+
+Prints a table and writes ``--json``. The server answers one request at a time (one model, one
+engine lock), so concurrency queues: its requests per second is bounded by the model's, and
+what it costs is the overhead per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from dreamroute import DreamRoute
+from dreamroute.backends import make_backend
+from dreamroute.config import load_settings
+from dreamroute.eval.generated import generate_problems
+from dreamroute.eval.graders import get_grader
+from dreamroute.server import create_app
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
+
+
+def summary(lat: list[float], wall: float) -> dict:
+    return {"n": len(lat), "wall_s": wall, "rps": len(lat) / wall if wall else None,
+            "p50_ms": 1e3 * pct(lat, 50), "p99_ms": 1e3 * pct(lat, 99), "mean_ms": 1e3 * statistics.fmean(lat)}
+
+
+def direct(backend, prompts: list[str], max_tokens: int) -> tuple[list[float], float]:
+    lat, t0 = [], time.perf_counter()
+    for p in prompts:
+        t = time.perf_counter()
+        backend.generate([{"role": "user", "content": p}], max_tokens=max_tokens)
+        lat.append(time.perf_counter() - t)
+    return lat, time.perf_counter() - t0
+
+
+async def clients(base: str, tier: str, prompts: list[str], max_tokens: int, n_clients: int):
+    """Each prompt once, spread over ``n_clients`` concurrent clients: (latencies, wall, answers, errors)."""
+    queue = list(enumerate(prompts))
+    lat: list[float] = [0.0] * len(prompts)
+    answers: list[dict | None] = [None] * len(prompts)
+    errors: list[str] = []
+
+    async def worker(client: httpx.AsyncClient):
+        while queue:
+            i, p = queue.pop(0)
+            t = time.perf_counter()
+            try:
+                r = await client.post("/v1/chat/completions", json={
+                    "model": tier, "max_tokens": max_tokens, "messages": [{"role": "user", "content": p}]})
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code}: {r.text[:200]}")
+                    continue
+                answers[i] = r.json()
+            except httpx.HTTPError as e:
+                errors.append(repr(e))
+                continue
+            lat[i] = time.perf_counter() - t
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(base_url=base, timeout=600) as client:
+        await asyncio.gather(*[worker(client) for _ in range(n_clients)])
+    return [x for x, a in zip(lat, answers) if a is not None], time.perf_counter() - t0, answers, errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=48)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--tier", default="sensory")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args(argv)
+
+    items = generate_problems(a.n, seed=7)
+    prompts = [it.prompt for it in items]
+    tmp = Path(tempfile.mkdtemp(prefix="dreamroute-load-"))
+    settings = load_settings(None, data_dir=str(tmp), db=str(tmp / "load.db"),
+                             model_cache=str(load_settings(None).models_dir))
+    settings.cache.enabled = False
+    settings.metabolic.enabled = False  # no REST unloading in the middle of a measurement
+    baseline = make_backend(settings.tier(a.tier), settings)
+    baseline.generate([{"role": "user", "content": "Warm up."}], max_tokens=4)
+    d1, d1_wall = direct(baseline, prompts, a.max_tokens)
+
+    dr = DreamRoute(settings, fast_path=True, cooldown_s=60.0)
+    app = create_app(settings, dr=dr)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    dr.backends[a.tier].generate([{"role": "user", "content": "Warm up."}], max_tokens=4)
+    s1, s1_wall, ans1, err1 = asyncio.run(clients(base, a.tier, prompts, a.max_tokens, 1))
+    sc, sc_wall, ansc, errc = asyncio.run(clients(base, a.tier, prompts, a.max_tokens, a.clients))
+
+    # feedback on every answer, graded against the problem's answer
+    fb_errors = 0
+    grader = get_grader("gsm8k")
+    with httpx.Client(base_url=base, timeout=60) as c:
+        for it, ans in list(zip(items, ans1)) + list(zip(items, ansc)):
+            if ans is None:
+                continue
+            ok = grader.grade(ans["choices"][0]["message"]["content"], it.answer).correct
+            r = c.post("/v1/feedback", json={"id": ans["id"], "outcome": "success" if ok else "failure"})
+            fb_errors += r.status_code != 200
+    answered = [x for x in ans1 + ansc if x is not None]
+    ids = {x["dreamroute"]["request_id"] for x in answered}
+    stored = {r["request_id"] for r in dr.store.experiences(["request_id"])}
+    feedback_entries = sum(1 for e in dr.store.ledger_entries() if e["delta"].get("reason", "").startswith("feedback"))
+    verify = dr.store.verify_ledger()
+    server.should_exit = True
+    thread.join(30)
+
+    d2, d2_wall = direct(baseline, prompts, a.max_tokens)
+    base_lat = [(x + y) / 2 for x, y in zip(d1, d2)]
+    over = [s - b for s, b in zip(s1, base_lat)] if len(s1) == len(base_lat) else []
+    report = {
+        "tier": a.tier, "n": a.n, "clients": a.clients, "max_tokens": a.max_tokens,
+        "direct": summary(base_lat, (d1_wall + d2_wall) / 2), "direct_first": summary(d1, d1_wall),
+        "direct_last": summary(d2, d2_wall),
+        "server_1_client": summary(s1, s1_wall), f"server_{a.clients}_clients": summary(sc, sc_wall),
+        "overhead_ms": {"p50": 1e3 * pct(over, 50), "p99": 1e3 * pct(over, 99), "mean": 1e3 * statistics.fmean(over)}
+        if over else None,
+        "rps_ratio_vs_direct": (len(sc) / sc_wall) / (len(base_lat) / ((d1_wall + d2_wall) / 2)),
+        "errors": len(err1) + len(errc), "error_samples": (err1 + errc)[:5], "feedback_errors": fb_errors,
+        "answered": len(answered), "stored_requests": len(ids & stored), "lost_experiences": len(ids - stored),
+        "feedback_ledger_entries": feedback_entries, "lost_ledger_entries": len(answered) - feedback_entries,
+        "ledger_verify": verify.ok,
+    }
+    print(f"{'':24} {'n':>4} {'rps':>7} {'p50 ms':>9} {'p99 ms':>9}")
+    for k in ("direct", "server_1_client", f"server_{a.clients}_clients"):
+        r = report[k]
+        print(f"{k:24} {r['n']:4d} {r['rps']:7.2f} {r['p50_ms']:9.1f} {r['p99_ms']:9.1f}")
+    if report["overhead_ms"]:
+        o = report["overhead_ms"]
+        print(f"server overhead per request (1 client − direct, same prompt): p50 {o['p50']:.1f} ms, "
+              f"p99 {o['p99']:.1f} ms, mean {o['mean']:.1f} ms")
+    print(f"throughput with {a.clients} clients / direct: {report['rps_ratio_vs_direct']:.3f}")
+    print(f"errors {report['errors']}, lost experiences {report['lost_experiences']}, lost ledger entries "
+          f"{report['lost_ledger_entries']}, ledger verify {'ok' if verify.ok else 'FAILED'}")
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(report, indent=1))
+    dr.close()
+    baseline.close()
+    return 0 if report["errors"] == 0 and report["lost_experiences"] == 0 and verify.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
