@@ -96,3 +96,20 @@ def test_an_agreeing_audit_is_a_witness(tmp_path):
         assert a.audited and a.outcomes[a.calls.index(a.final)].witness.startswith("audit:")
         hit = dr.cached(chat(Q))
         assert hit is not None and hit.tier == a.tier and hit.witness.startswith("audit:")
+
+
+def test_an_answer_cut_off_at_max_tokens_is_never_served(tmp_path):
+    backends = {n: ScriptedBackend(f"sha-{n}", lambda m: "one two three four five six. The answer is 6.")
+                for n in TIERS}
+    q = [{"role": "user", "content": "Count to six."}]
+    with DreamRoute(scripted_settings(tmp_path), backends=backends, fast_path=True) as dr:
+        cut = dr.complete(q, tier="tactical", max_tokens=3)
+        assert cut.final.generation.finish_reason == "length"
+        dr.record_outcome(cut.request.request_id, "success")       # the fragment was judged fine...
+        assert dr.cached(q, max_tokens=1000) is None                # ...but is never served as complete
+        assert dr.store.experiences(["finish_reason"])[-1]["finish_reason"] == "length"
+        whole = dr.complete(q, tier="tactical", max_tokens=100)
+        dr.record_outcome(whole.request.request_id, "success")
+        assert dr.cached(q, max_tokens=1000).text == whole.text
+    with DreamRoute(scripted_settings(tmp_path), backends=backends, fast_path=True) as dr:  # reloaded
+        assert dr.cached(q, max_tokens=1000).text.endswith("The answer is 6.")

@@ -305,3 +305,31 @@ def test_conversation_id_derived_and_kv_reused(tmp_path):
     assert r.json()["dreamroute"]["conversation_id"] == "hdr-chat"
     assert dr.store.experiences(["priority"])[-1]["priority"] == 0.9
 
+
+
+def test_trial_findings_repeat_verdict_surrogates_header_length_and_head(tmp_path):
+    c, dr = make(tmp_path)
+    a = ask(c).json()
+    assert c.post("/v1/feedback", json={"id": a["id"], "outcome": "success"}).status_code == 200
+    before = stored(dr, tmp_path / "s.db")
+    again = c.post("/v1/feedback", json={"id": a["id"], "rating": 0.9})   # the same verdict again
+    assert again.status_code == 409 and again.json()["error"]["code"] == "feedback_exists"
+    assert stored(dr, tmp_path / "s.db") == before                       # not counted twice
+    both = c.post("/v1/feedback", json={"id": a["id"], "outcome": "success", "rating": 1})
+    assert both.status_code == 400 and "exactly one" in both.json()["error"]["message"]
+    assert "Value error" not in both.json()["error"]["message"]
+    bad = c.post("/v1/chat/completions", content=b'{"model": "tactical", "messages": [{"role": "user", '
+                 b'"content": "bad \\ud800 surrogate"}]}', headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and "Unicode" in bad.json()["error"]["message"]
+    long = c.post("/v1/chat/completions", json={"model": "tactical", "messages": user(Q)},
+                  headers={"x-dreamroute-conversation-id": "x" * 201})
+    assert long.status_code == 400
+    for body in ({"model": "tactical", "messages": user(Q), "max_tokens": "8"},
+                 {"model": "tactical", "messages": user(Q), "max_tokens": True},
+                 {"model": "tactical", "messages": user(Q), "stream": "yes"}):
+        assert c.post("/v1/chat/completions", json=body).status_code == 400
+    assert stored(dr, tmp_path / "s.db") == before
+    assert c.head("/health").status_code == 200
+    routed = ask(c, "Another question entirely?", model="dreamroute").json()["dreamroute"]
+    assert routed["atp_joules"] == pytest.approx(sum(x["atp_joules"] for x in routed["calls"])
+                                                 + routed["surprise_atp_joules"])

@@ -18,36 +18,28 @@ from .cache.reality import RealityCache
 from .cache.response import CachedAnswer, ResponseCache
 from .cache.reuse import ConversationKV
 from .config import Settings, load_settings
-from .errors import ConfigError, DreamrouteError
+from .errors import ConfigError
 from .router.engine import Engine
 from .router.feedback import feedback_update
 from .router.memory import BudgetPacer, Memory
 from .router.policies import make_policy
 from .router.types import Answer, Outcome, Request
-from .store.store import Store
+from .store.store import Store, read_calibration
 
 
 def tier_costs(settings: Settings, store: Store, identities: dict[str, str]) -> dict[str, TierCost]:
     """ATP model per tier: the ``bench`` calibration in this store, else the one in the
-    machine's default store (calibration describes the machine, not a run), else the
-    estimate by model size (:func:`dreamroute.atp.estimated_cost`)."""
+    machine's default store (calibration describes the machine, not a run; that store is
+    read-only here, never created or migrated), else the estimate by model size
+    (:func:`dreamroute.atp.estimated_cost`)."""
     default_db = settings.data_dir / "dreamroute.db"
-    fallback = None
-    if Path(store.path or "") != default_db and default_db.is_file():
-        try:
-            fallback = Store(default_db)
-        except DreamrouteError:
-            fallback = None
+    other = Path(store.path or "") != default_db
     out = {}
-    try:
-        for t in settings.tiers:
-            cal = store.get_calibration(identities[t.name])
-            if cal is None and fallback is not None:
-                cal = fallback.get_calibration(identities[t.name])
-            out[t.name] = cost_from_calibration(cal, t.watts) if cal else estimated_cost(t.params_b, t.watts)
-    finally:
-        if fallback is not None:
-            fallback.close()
+    for t in settings.tiers:
+        cal = store.get_calibration(identities[t.name])
+        if cal is None and other:
+            cal = read_calibration(default_db, identities[t.name])
+        out[t.name] = cost_from_calibration(cal, t.watts) if cal else estimated_cost(t.params_b, t.watts)
     return out
 
 

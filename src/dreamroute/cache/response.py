@@ -117,14 +117,16 @@ class ResponseCache:
 
     # ---- keeping it current -------------------------------------------------------------
     def observe(self, key: str, request_id: str, experience_id: int, text: str, tier: str, context: str,
-                prompt_tokens: int, completion_tokens: int, outcome: str, witness: str) -> None:
+                prompt_tokens: int, completion_tokens: int, outcome: str, witness: str,
+                finish_reason: str | None = "stop") -> None:
         """One judged answer to conversation ``key``, in the order they happened.
 
-        ``success`` (with a witness) makes it the key's answer; ``failure`` removes the key's
-        answer when it is this one (same normalised text, or the same experience); ``unknown``
-        does nothing.
+        ``success`` (with a witness) makes it the key's answer, unless generation was cut off
+        (``finish_reason`` ``length``: a client asking for more tokens must not get the fragment);
+        ``failure`` removes the key's answer when it is this one (same normalised text, or the
+        same experience); ``unknown`` does nothing.
         """
-        if outcome == "success" and witness and witness != "none" and text.strip():
+        if outcome == "success" and witness and witness != "none" and text.strip() and finish_reason != "length":
             entry = CachedAnswer(key, request_id, experience_id, text, tier, context, int(prompt_tokens),
                                  int(completion_tokens), witness)
             with self._lock:
@@ -144,7 +146,7 @@ class ResponseCache:
         if row.get("messages_hash") and row.get("role", "chosen") != "audit":
             self.observe(row["messages_hash"], row["request_id"], row["id"], row["response"] or "",
                          row["tier"], row["context"], row["prompt_tokens"] or 0, row["completion_tokens"] or 0,
-                         row["outcome"], row["witness"])
+                         row["outcome"], row["witness"], row.get("finish_reason"))
 
     def load(self, store) -> int:
         """Rebuild from the store's judged answers (``Store.judged_answers``), oldest first, so

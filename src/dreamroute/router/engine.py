@@ -332,7 +332,7 @@ class Engine:
                 surprise_tier=answer.surprise_tier if i == 0 and dec.signals.surprise is not None else None,
                 snarc_s=sn.s, snarc_n=sn.n, snarc_a=sn.a, snarc_r=sn.r, snarc_c=sn.c, salience=sn.salience,
                 outcome=o.outcome, witness=o.witness, gold=o.gold, predicted=o.predicted, priority=req.priority,
-                messages_hash=key))
+                messages_hash=key, finish_reason=g.finish_reason))
             if o.reward is not None and c.model_version_id is not None:
                 before, after = self.memory.trust.observe(c.model_version_id, dec.context, o.reward)
                 updates.append(TrustUpdate(c.model_version_id, dec.context, before.alpha, before.beta,

@@ -22,8 +22,13 @@ def feedback_update(engine: Engine, request_id: str, outcome: str | float, witne
     ledger in one transaction, and the in-memory index and response cache (a
     success makes the answer servable by the fast path, a failure removes it).
 
+    A witness does not repeat itself: the verdict a response already has from ``witness`` is
+    refused (repeating it would count one answer many times in trust); a different verdict
+    from it (a changed mind, or a fast-path hit of the answer judged otherwise) is taken.
+
     Raises:
-        RequestError: unknown request id, or an outcome that is none of the above.
+        RequestError: unknown request id, an outcome that is none of the above, or the verdict
+            this witness already gave.
     """
     if isinstance(outcome, str):
         if outcome not in OUTCOME_VALUE:
@@ -38,6 +43,9 @@ def feedback_update(engine: Engine, request_id: str, outcome: str | float, witne
     if not rows:
         raise RequestError(f"no stored response has request id {request_id!r}; pass the id returned with the answer")
     row = rows[-1]
+    if row["witness"] == witness and row["outcome"] == label:
+        raise RequestError(f"response {request_id!r} already has this verdict ({label}) from {witness!r}; "
+                           "a repeated verdict is not counted again")
     vid, ctx = row["model_version_id"], row["context"]
     before, after = engine.memory.trust.observe(vid, ctx, reward)
     upd = TrustUpdate(vid, ctx, before.alpha, before.beta, after.alpha, after.beta, after.count, [witness],

@@ -151,6 +151,11 @@ def _feedback(st: ServerState, rid: str, body: FeedbackRequest) -> dict:
         raise APIError(404, f"No response with id {body.id!r} is on record; send the id of a chat completion "
                             "(chatcmpl-...) or its dreamroute.request_id.", param="id", code="response_not_found")
     row = rows[-1]
+    label = body.outcome if body.outcome is not None else ("success" if body.rating >= 0.5 else "failure")
+    if row["witness"] == "user:api" and row["outcome"] == label:
+        raise APIError(409, f"Response {body.id!r} already has this verdict ({label}) from the API's users; a "
+                            "repeated verdict is not counted again (it would count one answer many times in "
+                            "trust).", param="id", code="feedback_exists")
     vid, ctx = row["model_version_id"], row["context"]
     before = st.dr.memory.trust.get(vid, ctx).mean
     oc = st.dr.record_outcome(rid, body.outcome if body.outcome is not None else body.rating, witness="user:api")
@@ -267,7 +272,11 @@ def create_app(settings: Settings, *, dr: DreamRoute | None = None,
         if not any(m["role"] == "user" and m["content"].strip() for m in messages):
             raise APIError(400, "messages need a user message with text.", param="messages")
         priority = _priority(body, request)
-        conv = body.conversation_id or request.headers.get(CONV_HEADER) or derive_conversation_id(messages, body.user)
+        header_conv = request.headers.get(CONV_HEADER)
+        if header_conv is not None and not 1 <= len(header_conv) <= 200:
+            raise APIError(400, f"{CONV_HEADER} must be 1 to 200 characters, got {len(header_conv)}.",
+                           param=CONV_HEADER)
+        conv = body.conversation_id or header_conv or derive_conversation_id(messages, body.user)
         if st.fast.enabled and (found := st.fast.lookup(messages, max_tokens, tier)) is not None:
             rid, hit = found
             st.metrics.hit(hit.tier, hit.context, time.perf_counter() - t0)
@@ -286,7 +295,8 @@ def create_app(settings: Settings, *, dr: DreamRoute | None = None,
                               atp_joules=ans.atp, kv_restored=ans.kv_restored, escalated=ans.escalated,
                               audited=ans.audited, conversation_id=conv,
                               calls=[{"tier": c.tier, "role": c.role, "atp_joules": c.atp} for c in ans.calls],
-                              failed_tiers=[f.tier for f in ans.failures], metabolic_state=ans.metabolic_state)
+                              failed_tiers=[f.tier for f in ans.failures], metabolic_state=ans.metabolic_state,
+                              surprise_atp_joules=ans.surprise_atp)
         return _respond(body, ans.request.request_id, ans.text, ans.final.generation.finish_reason, usage, info,
                         BackgroundTask(st.idle))
 
@@ -346,7 +356,7 @@ def create_app(settings: Settings, *, dr: DreamRoute | None = None,
         text = await anyio.to_thread.run_sync(st.metrics.exposition)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict:
         return {"status": "ok", "tiers": tiers, "policy": dr.policy.name,
                 "store": str(dr.store.path or dr.store.url), "uptime_s": round(time.time() - st.started, 3),

@@ -71,7 +71,15 @@ def _from_validation(exc: RequestValidationError) -> APIError:
         loc = [str(x) for x in e.get("loc", ()) if x != "body"]
         where = ".".join(loc)
         param = param or (where or None)
-        parts.append(f"{where}: {e.get('msg')}" if where else f"the body must be a JSON object: {e.get('msg')}")
+        msg = str(e.get("msg", "")).removeprefix("Value error, ")
+        if where:
+            parts.append(f"{where}: {msg}")
+        elif e.get("type") == "missing":
+            parts.append("the request needs a JSON object body")
+        elif e.get("type") in ("model_type", "dict_type", "model_attributes_type"):
+            parts.append(f"the body must be a JSON object: {msg}")
+        else:
+            parts.append(msg)
     return APIError(400, "Invalid request: " + "; ".join(parts), param=param)
 
 
@@ -83,7 +91,7 @@ def from_exception(exc: Exception) -> APIError:
         return _from_validation(exc)
     if isinstance(exc, StarletteHTTPException):
         msg = {404: "Unknown path; see GET /v1/models, POST /v1/chat/completions, POST /v1/feedback, "
-                    "GET /v1/trust, GET /metrics, GET /health",
+                    "GET /v1/trust, GET|POST /v1/metabolic, GET /metrics, GET /health, GET /dashboard",
                405: "Method not allowed on this path"}.get(exc.status_code, str(exc.detail))
         return APIError(exc.status_code, msg, headers=dict(exc.headers or {}))
     if isinstance(exc, RequestError):

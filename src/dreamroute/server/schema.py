@@ -17,7 +17,17 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+
+
+def _encodable(text: str) -> str:
+    """Refuse text that is not valid Unicode (a lone surrogate from a ``\\ud800`` JSON escape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text is not valid Unicode ({e.reason} at position {e.start}); "
+                         "send UTF-8 text without unpaired surrogates") from None
+    return text
 
 
 class TextPart(BaseModel):
@@ -27,6 +37,11 @@ class TextPart(BaseModel):
     type: Literal["text"]
     text: str
 
+    @field_validator("text")
+    @classmethod
+    def _valid(cls, v: str) -> str:
+        return _encodable(v)
+
 
 class ChatMessage(BaseModel):
     """One chat message (``name`` and other OpenAI fields are ignored)."""
@@ -34,6 +49,11 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _valid(cls, v):
+        return _encodable(v) if isinstance(v, str) else v
 
     def text(self) -> str:
         """The content as one string (text parts joined)."""
@@ -53,9 +73,9 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    stream: bool = False
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
@@ -104,6 +124,7 @@ class DreamrouteInfo(BaseModel):
         tier / context: the answering tier, the request's context (a fast-path hit: the cached
             answer's).
         atp_joules: ATP of every call plus surprise scoring, J (0 for a fast-path hit).
+        surprise_atp_joules: of which surprise scoring (the prompt's log-likelihood under a tier), J.
         fast_path: answered from the response cache.
         kv_restored: the answering tier reused the conversation's stored KV state.
         escalated / audited: a higher tier was asked after a weak answer / to check it.
@@ -124,6 +145,7 @@ class DreamrouteInfo(BaseModel):
     escalated: bool = False
     audited: bool = False
     calls: list[dict] = Field(default_factory=list)
+    surprise_atp_joules: float = 0.0
     metabolic_state: str | None = None
     failed_tiers: list[str] = Field(default_factory=list)
     cached_from: str | None = None
@@ -179,4 +201,4 @@ class MetabolicRequest(BaseModel):
     the top tier, whatever the budget, until cleared)."""
 
     model_config = ConfigDict(extra="forbid")
-    crisis: bool
+    crisis: StrictBool

@@ -8,7 +8,9 @@ the lookup indexes and the model-version uniqueness index; migration 3 adds
 and the ``background_work`` table (idle-time prefills and their ATP);
 migration 4 adds ``dream_cycles`` (each consolidation cycle's stage and results);
 migration 5 adds ``experiences.messages_hash`` (the key of the whole message
-list, what the server's fast path looks answers up by) and its index.
+list, what the server's fast path looks answers up by) and its index;
+migration 6 adds ``experiences.finish_reason`` (``stop`` or ``length``: the fast
+path never serves an answer that was cut off).
 
 ``migrate(engine)`` records each applied migration in
 ``_migrations(version, name, applied_at)``; every migration runs in its own
@@ -148,12 +150,18 @@ def _m005_messages_hash(conn: Connection) -> None:
     conn.exec_driver_sql("CREATE INDEX ix_experiences_messages_hash ON experiences (messages_hash)")
 
 
+def _m006_finish_reason(conn: Connection) -> None:
+    """experiences.finish_reason: why generation stopped (``stop``, ``length``; NULL before 6)."""
+    conn.exec_driver_sql("ALTER TABLE experiences ADD COLUMN finish_reason VARCHAR(20)")
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial tables", _m001_initial),
     (2, "indexes", _m002_indexes),
     (3, "kv cache: surprise tier, background work", _m003_kv_cache),
     (4, "dream cycles", _m004_dream_cycles),
     (5, "fast path: messages hash", _m005_messages_hash),
+    (6, "finish reason", _m006_finish_reason),
 ]
 
 

@@ -125,6 +125,7 @@ experiences = Table(
     Column("created_at", String(40), nullable=False),
     Column("surprise_tier", String(100)),            # migration 3: the tier that scored the surprise
     Column("messages_hash", String(64)),             # migration 5: the whole conversation's key (fast path)
+    Column("finish_reason", String(20)),             # migration 6: "stop" | "length" (None before it)
     CheckConstraint("role IN ('chosen','escalated','audit')", name="ck_experiences_role"),
     CheckConstraint("outcome IN ('success','failure','unknown')", name="ck_experiences_outcome"),
 )
@@ -200,6 +201,7 @@ EXPERIENCE_DEFAULTS: dict[str, object] = {
     "instability": None, "surprise": None, "snarc_s": 0.0, "snarc_n": 0.0, "snarc_a": 0.0,
     "snarc_r": 0.0, "snarc_c": 0.0, "salience": 0.0, "outcome": "unknown", "witness": "",
     "gold": None, "predicted": None, "priority": 0.0, "surprise_tier": None, "messages_hash": None,
+    "finish_reason": None,
 }
 
 #: experience columns that must be given: nothing sensible can stand in for them.

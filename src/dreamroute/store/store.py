@@ -370,10 +370,10 @@ class Store:
         """The fast path's evidence: every answer (non-audit experience) with a message-list key
         and a success or failure on record, in id order, as dicts of ``id, request_id,
         messages_hash, tier, context, response, prompt_tokens, completion_tokens, outcome,
-        witness``."""
+        witness, finish_reason``."""
         e = T.experiences
         cols = ["id", "request_id", "messages_hash", "tier", "context", "response", "prompt_tokens",
-                "completion_tokens", "outcome", "witness"]
+                "completion_tokens", "outcome", "witness", "finish_reason"]
         stmt = (select(*[e.c[c] for c in cols])
                 .where(e.c.messages_hash.is_not(None), e.c.role != "audit",
                        e.c.outcome.in_(("success", "failure")))
@@ -522,3 +522,26 @@ class Store:
         m = row._mapping
         return {**json.loads(m["values"]), "identity": m["identity"], "tier": m["tier"],
                 "updated_at": m["updated_at"]}
+
+
+def read_calibration(path: str | Path, identity: str) -> dict | None:
+    """:meth:`Store.get_calibration` from the SQLite file at ``path``, opened read-only and never
+    migrated (another store's calibration, e.g. the machine's default store, is read without
+    changing it). None when the file, its calibration table or the identity is missing."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return None
+    engine = create_engine(f"sqlite:///file:{p}?mode=ro&uri=true")
+    c = T.calibration
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(select(c).where(c.c.identity == identity)).first()
+    except Exception:  # not a store, an older schema, locked: no calibration from it
+        return None
+    finally:
+        engine.dispose()
+    if row is None:
+        return None
+    m = row._mapping
+    return {**json.loads(m["values"]), "identity": m["identity"], "tier": m["tier"], "updated_at": m["updated_at"]}
+
