@@ -4,8 +4,9 @@
 #
 #   bash benchmarks/dream_gsm8k.sh            # writes benchmarks/results/dream/*.json and dream_gsm8k.json
 #
-# 1. teacher over GSM8K train questions, graded (stored as experiences; ~49 % correct, so 450
-#    questions give the >= 200 usable examples the issue asks for)
+# 1. teacher over GSM8K train questions, graded (stored as experiences; ~47 % correct, so 500
+#    questions give the >= 200 usable examples the issue asks for; this run split them over
+#    parallel processes with the same item keys: see benchmarks/README.md)
 # 2. student before: first 200 test questions, always:tactical
 # 3. one DREAM cycle (plan, teacher top-k labels, LoRA, export, held-out + regression gate)
 # 4. student after: the same 200 with the cycle's adapter on tactical (config `lora:`), promoted or not
@@ -22,7 +23,7 @@ DB=${DB:-$OUT/dream.db}          # the store the cycle learns from (not committe
 BUDGET=${BUDGET:-124.79}         # J/request: 0.85 x specialized's mean on the recording (as benchmarks/replay.sh)
 mkdir -p "$OUT"
 
-$DR run "$DATA/gsm8k/train.jsonl" --policy always:specialized --limit 450 --db "$DB" --json "$OUT/teacher_train.json"
+$DR run "$DATA/gsm8k/train.jsonl" --policy always:specialized --limit 500 --db "$DB" --json "$OUT/teacher_train.json"
 $DR run "$DATA/gsm8k/test.jsonl" --policy always:tactical --limit 200 --db "$DB" --json "$OUT/student_before.json"
 $DR dream --student tactical --teacher specialized --db "$DB" --json benchmarks/results/dream_gsm8k.json
 

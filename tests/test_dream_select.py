@@ -61,3 +61,20 @@ def test_split_is_stable_and_capped(tmp_path):
     assert [it.prompt for it in a.heldout] == [it.prompt for it in b.heldout]
     with pytest.raises(ValueError, match="same tier"):
         plan_replay(s, "tactical", "tactical")
+
+
+def test_dream_config_from_the_config_file_then_set_flags(tmp_path):
+    from dreamroute.config import Settings
+    from dreamroute.dream.dream_config import DreamConfig
+    from dreamroute.errors import ConfigError
+    s = Settings(data_dir=tmp_path, dream={"epochs": 3, "lora_r": 4})
+
+    def dream_config(settings, sets=None):
+        return DreamConfig.from_sources(settings.dream, sets)
+    assert (dream_config(s).epochs, dream_config(s).lora_r) == (3, 4)
+    cfg = dream_config(s, ["epochs=1", "target_modules=[q_proj, v_proj]"])
+    assert cfg.epochs == 1 and cfg.lora_r == 4 and cfg.target_modules == ("q_proj", "v_proj")
+    for bad, msg in (("epochs", "KEY=VALUE"), ("epoch=1", "unknown DREAM setting"), ("epochs=0", "epochs"),
+                     ("epochs=[", "not YAML")):
+        with pytest.raises(ConfigError, match=msg):
+            dream_config(s, [bad])

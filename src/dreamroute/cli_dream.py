@@ -14,13 +14,14 @@ dream_app = typer.Typer(help="DREAM: distill what bigger tiers answered well int
                              "validate, then promote.", invoke_without_command=True)
 
 
-def _dreamer(config, db, student, teacher):
+def _dreamer(config, db, student, teacher, sets=None):
     from .cli import _existing_store
     from .dream.dream import Dreamer
     from .dream.dream_config import DreamConfig
     settings = _settings(config, db)
+    cfg = DreamConfig.from_sources(settings.dream, sets)  # validate before opening anything
     store = _existing_store(settings)  # a cycle replays stored experiences: no store, nothing to learn
-    return Dreamer(settings, store, DreamConfig(), student=student, teacher=teacher, console=console), store
+    return Dreamer(settings, store, cfg, student=student, teacher=teacher, console=console), store
 
 
 @dream_app.callback()
@@ -31,12 +32,14 @@ def dream(ctx: typer.Context,
           max_examples: Optional[int] = typer.Option(None, min=1, help="Most training examples (most useful first)."),
           dry_run: bool = typer.Option(False, "--dry-run", help="Only show what would be used."),
           json_path: Optional[Path] = typer.Option(None, "--json", help="Write the cycle's report as JSON."),
+          sets: Optional[list[str]] = typer.Option(None, "--set", help="A DREAM setting, KEY=VALUE (repeatable; "
+                                                   "e.g. --set epochs=1); also `dream:` in the config file."),
           config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
     """Run one consolidation cycle (or resume the one that was stopped) and print a before/after report."""
     if ctx.invoked_subcommand is not None:
         return
     from .eval.runner import write_json
-    d, store = _dreamer(config, db, student, teacher)
+    d, store = _dreamer(config, db, student, teacher, sets)
     try:
         rep = d.run(max_examples=max_examples, dry_run=dry_run)
     finally:

@@ -287,6 +287,7 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, ge=1)
     cache: CacheConfig = Field(default_factory=lambda: CacheConfig())
     metabolic: MetabolicConfig = Field(default_factory=lambda: MetabolicConfig())
+    dream: dict = Field(default_factory=dict)  # DreamConfig fields (dream_config.py validates them)
     server: ServerConfig = Field(default_factory=lambda: ServerConfig())
 
     @field_validator("tiers")

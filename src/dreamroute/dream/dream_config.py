@@ -165,12 +165,34 @@ class DreamConfig:
         Raises:
             ConfigError: an unknown key (the message lists the known ones) or an invalid value.
         """
+        if not isinstance(data, dict):
+            raise ConfigError(f"DREAM settings must be a mapping of field: value, got {type(data).__name__}.")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(
                 f"unknown DREAM setting(s): {', '.join(unknown)}; known settings: {', '.join(sorted(known))}.")
         return cls(**data)
+
+    @classmethod
+    def from_sources(cls, section: dict[str, Any] | None = None, sets: list[str] | None = None) -> "DreamConfig":
+        """Defaults, then a config file's ``dream:`` section, then each ``KEY=VALUE`` of
+        ``dreamroute dream --set`` (VALUE read as YAML: ``epochs=1``, ``target_modules=[q_proj,v_proj]``).
+
+        Raises:
+            ConfigError: a ``--set`` without ``=``, an unknown key or an invalid value.
+        """
+        import yaml
+        data = dict(section or {})
+        for item in sets or []:
+            key, eq, raw = item.partition("=")
+            if not eq or not key.strip():
+                raise ConfigError(f"--set needs KEY=VALUE, got {item!r}; e.g. --set epochs=1")
+            try:
+                data[key.strip()] = yaml.safe_load(raw)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"--set {item!r}: the value is not YAML: {e}") from e
+        return cls.from_dict(data)
 
 
 def _int(name: str, value: Any, *, lo: int, hint: str = "") -> None:
