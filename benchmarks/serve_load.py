@@ -6,11 +6,11 @@
 In one process, on the real ``--tier`` model of the default hierarchy and a temporary store, with
 the ``--n`` prompts (built-in generated word problems):
 
-1. ``paired``: each prompt through the tier's ``LlamaBackend.generate`` directly (as an embedding
-   program calls llama.cpp) and as ``POST /v1/chat/completions`` (``model: TIER``) to
-   ``dreamroute serve``'s app under uvicorn on 127.0.0.1, one right after the other (the order
-   alternating), so both see the same machine: the server's overhead per request is the
-   difference on the same prompt;
+1. ``paired``: each prompt through the tier's ``LlamaBackend.generate`` directly in this process
+   (as an embedding program calls llama.cpp) and as ``POST /v1/chat/completions`` (``model:
+   TIER``) to a ``dreamroute serve`` process on 127.0.0.1 (its own process, as a real server;
+   the clients are this process), one right after the other (the order alternating), so both
+   see the same machine: the server's overhead per request is the difference on the same prompt;
 2. ``concurrent``: blocks of ``2 × --clients`` prompts, each block sent once by ``--clients``
    concurrent clients and once directly one after the other (order alternating): requests per
    second, p50/p99 latency, errors, and throughput against direct calls over the same blocks;
@@ -29,22 +29,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
-import uvicorn
+import yaml
 
-from dreamroute import DreamRoute
 from dreamroute.backends import make_backend
 from dreamroute.config import load_settings
 from dreamroute.eval.generated import generate_problems
 from dreamroute.eval.graders import get_grader
-from dreamroute.server import create_app
+from dreamroute.store.store import Store
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -118,14 +119,27 @@ def main(argv: list[str] | None = None) -> int:
     settings.metabolic.enabled = False  # no REST unloading in the middle of a measurement
     baseline = make_backend(settings.tier(a.tier), settings)
     baseline.generate([{"role": "user", "content": "Warm up."}], max_tokens=4)
-    dr = DreamRoute(settings, fast_path=True, cooldown_s=60.0)
-    app = create_app(settings, dr=dr)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    # the server: `dreamroute serve` in its own process, on the same settings and a fresh store
+    cfg = tmp / "serve.yaml"
+    cfg.write_text(yaml.safe_dump({"data_dir": str(tmp), "model_cache": str(settings.models_dir),
+                                   "cache": {"enabled": False}, "metabolic": {"enabled": False}}))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = open(tmp / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-c", "from dreamroute.cli import app; app()", "serve", "--port",
+                             str(port), "--config", str(cfg), "--db", str(tmp / "load.db")],
+                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            sys.exit(f"dreamroute serve exited: {(tmp / 'serve.log').read_text()[-2000:]}")
+        time.sleep(0.1)
     call = lambda p: baseline.generate([{"role": "user", "content": p}], max_tokens=a.max_tokens)  # noqa: E731
     http = httpx.Client(base_url=base, timeout=600)
     ask(http, a.tier, "Warm up.", 4)
@@ -169,13 +183,15 @@ def main(argv: list[str] | None = None) -> int:
         r = http.post("/v1/feedback", json={"id": ans["id"], "outcome": "success" if ok else "failure"})
         fb_errors += r.status_code != 200
     ids = {x["dreamroute"]["request_id"] for _, x in answered}
-    stored = {r["request_id"] for r in dr.store.experiences(["request_id"])}
-    feedback_entries = sum(1 for e in dr.store.ledger_entries() if e["delta"].get("reason", "").startswith("feedback"))
-    verify = dr.store.verify_ledger()
     http.close()
-    server.should_exit = True
-    thread.join(30)
-
+    proc.terminate()  # SIGTERM: uvicorn shuts down; everything answered was committed before its reply
+    proc.wait(60)
+    log.close()
+    with Store(tmp / "load.db") as store:
+        stored = {r["request_id"] for r in store.experiences(["request_id"])}
+        feedback_entries = sum(1 for e in store.ledger_entries()
+                               if e["delta"].get("reason", "").startswith("feedback"))
+        verify = store.verify_ledger()
     report = {
         "tier": a.tier, "n": a.n, "clients": a.clients, "max_tokens": a.max_tokens,
         "direct": summary(d_lat, sum(d_lat)), "server_1_client": summary(s_lat, sum(s_lat)),
@@ -202,7 +218,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(report, indent=1))
-    dr.close()
     baseline.close()
     return 0 if report["errors"] == 0 and report["lost_experiences"] == 0 and verify.ok else 1
 
