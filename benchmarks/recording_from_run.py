@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             run[int(key.split(":", 1)[1])] = dict(
                 response=response, correct=outcome == "success", predicted=predicted, prompt_tokens=pt,
                 completion_tokens=ct, seconds=secs, mean_logprob=mlp)
-    out, replaced = [], 0
+    out, replaced, right = [], 0, 0
     for line in a.base.read_text().splitlines():
         if not line.strip():
             continue
@@ -58,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             rec.update(run[rec["index"]])
             rec["model"] = f"{rec['model']} (run {a.run_id} of {a.db.name})"
             replaced += 1
+            right += rec["correct"]
         out.append(json.dumps(rec))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text("\n".join(out) + "\n")
-    right = sum(run[json.loads(x)["index"]]["correct"] for x in out if json.loads(x)["tier"] == a.tier)
     print(f"{a.out}: {len(out)} lines, {replaced} {a.tier} lines from run {a.run_id} "
           f"({right}/{replaced} correct)")
     return 0

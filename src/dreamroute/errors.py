@@ -32,6 +32,10 @@ class RequestError(DreamrouteError, ValueError):
     """A request or a reported outcome is invalid (empty prompt, unknown request id, bad rating)."""
 
 
+class FeedbackConflictError(RequestError):
+    """A witness repeats the verdict a response already has from it (it would count twice in trust)."""
+
+
 class ModelFileError(DreamrouteError):
     """A model's weights are missing, unreadable, or fail their sha256 check."""
 

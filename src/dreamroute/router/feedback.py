@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from ..errors import RequestError
+from ..errors import FeedbackConflictError, RequestError
 from ..store.store import TrustUpdate
 from .memory import OUTCOME_VALUE
 from .types import Outcome
@@ -27,8 +27,8 @@ def feedback_update(engine: Engine, request_id: str, outcome: str | float, witne
     from it (a changed mind, or a fast-path hit of the answer judged otherwise) is taken.
 
     Raises:
-        RequestError: unknown request id, an outcome that is none of the above, or the verdict
-            this witness already gave.
+        RequestError: unknown request id, or an outcome that is none of the above.
+        FeedbackConflictError: the verdict this witness already gave.
     """
     if isinstance(outcome, str):
         if outcome not in OUTCOME_VALUE:
@@ -44,7 +44,7 @@ def feedback_update(engine: Engine, request_id: str, outcome: str | float, witne
         raise RequestError(f"no stored response has request id {request_id!r}; pass the id returned with the answer")
     row = rows[-1]
     if row["witness"] == witness and row["outcome"] == label:
-        raise RequestError(f"response {request_id!r} already has this verdict ({label}) from {witness!r}; "
+        raise FeedbackConflictError(f"response {request_id!r} already has this verdict ({label}) from {witness!r}; "
                            "a repeated verdict is not counted again")
     vid, ctx = row["model_version_id"], row["context"]
     before, after = engine.memory.trust.observe(vid, ctx, reward)

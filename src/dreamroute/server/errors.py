@@ -7,6 +7,7 @@
 | a wrong or missing bearer key | 401 | invalid_request_error | invalid_api_key |
 | an unknown model | 404 | invalid_request_error | model_not_found |
 | an unknown response id (feedback) | 404 | invalid_request_error | response_not_found |
+| the same verdict on a response again (feedback) | 409 | invalid_request_error | feedback_exists |
 | an unknown path / method | 404 / 405 | invalid_request_error | null |
 | a body over ``max_request_bytes`` | 413 | invalid_request_error | request_too_large |
 | every tier's backend failed | 503 | server_error | backend_unavailable |
@@ -27,7 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import BackendError, DreamrouteError, RequestError, StoreError
+from ..errors import BackendError, DreamrouteError, FeedbackConflictError, RequestError, StoreError
 
 log = logging.getLogger("dreamroute.server")
 
@@ -94,6 +95,9 @@ def from_exception(exc: Exception) -> APIError:
                     "GET /v1/trust, GET|POST /v1/metabolic, GET /metrics, GET /health, GET /dashboard",
                405: "Method not allowed on this path"}.get(exc.status_code, str(exc.detail))
         return APIError(exc.status_code, msg, headers=dict(exc.headers or {}))
+    if isinstance(exc, FeedbackConflictError):
+        return APIError(409, f"{exc} (it would count one answer many times in trust).", param="id",
+                        code="feedback_exists")
     if isinstance(exc, RequestError):
         return APIError(400, str(exc))
     if isinstance(exc, BackendError):

@@ -138,9 +138,8 @@ class Metabolism:
         dr.store.record_background("dream", self.student, 0, atp, time.time() - self.dream_started)
         self.ctl.on_background(atp)
         cycles = dr.store.cycles(student=self.student)
-        promoted = bool(cycles) and cycles[0]["status"] == "promoted" and \
-            cycles[0]["result"].get("promoted") is True and dr.memory.versions.get(self.student) != \
-            cycles[0]["version_id"]
+        promoted = bool(cycles) and cycles[0]["status"] == "promoted" \
+            and dr.memory.versions.get(self.student) != cycles[0]["version_id"]
         return self.ctl.dream_finished(promoted)
 
     def stop(self) -> None:
