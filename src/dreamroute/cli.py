@@ -368,6 +368,29 @@ def models_fetch(config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt)
         console.print(f"[green]ok[/] {name}: {path}")
 
 
+@app.command()
+@_errors
+def doctor(json_out: bool = typer.Option(False, "--json", help="Print {\"checks\": [...]} as JSON."),
+           no_prove: bool = typer.Option(False, "--no-prove", help="Skip running each tier (weights, store and directories only)."),
+           config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
+    """Check this host: llama.cpp's build against what the CPU executes, each tier loads and answers, store, directories.
+
+    Exit status 1 when a required check fails.
+    """
+    from .doctor import as_json, run_checks
+    checks = run_checks(_settings(config, db), prove=not no_prove)
+    if json_out:
+        typer.echo(json.dumps(as_json(checks), indent=2))
+    else:
+        table = Table("check", "", "detail", show_lines=False)
+        for c in checks:
+            mark = "[green]ok[/]" if c.ok else ("[red]FAIL[/]" if c.required else "[yellow]missing[/]")
+            table.add_row(escape(c.name), mark, escape(c.detail + (f"\n→ {c.hint}" if c.hint and not c.ok else "")))
+        console.print(table)
+    if any(c.required and not c.ok for c in checks):
+        raise typer.Exit(1)
+
+
 from .cli_dream import dream_app  # noqa: E402  (it imports the helpers above)
 from .cli_serve import serve  # noqa: E402  (likewise)
 

@@ -48,6 +48,7 @@ from ..config import TierConfig
 from ..errors import BackendError
 from ..registry import sha256_file
 from .base import Generation, Message, common_prefix
+from .threads import CoreShare
 
 SCORE_CHUNK = 64
 _MAGIC = b"DRKV1\n"
@@ -57,8 +58,9 @@ class LlamaBackend:
     """A GGUF model run in this process by llama-cpp-python.
 
     Args:
-        tier: the tier's config (``n_ctx``, ``n_batch``, ``n_threads``; default
-            threads: ``os.cpu_count()``).
+        tier: the tier's config (``n_ctx``, ``n_batch``, ``n_threads``; without
+            ``n_threads`` each call uses one thread per core that other processes
+            leave free, see :mod:`dreamroute.backends.threads`).
         model_path: the resolved GGUF (see :func:`dreamroute.registry.resolve_model`).
         seed: default sampling seed.
 
@@ -81,7 +83,9 @@ class LlamaBackend:
         self.base_identity: str = sha or sha256_file(self.model_path)
         self.identity: str = self.base_identity
         self.lora_path: Path | None = None
-        self.n_threads = tier.n_threads or os.cpu_count() or 1
+        # fixed when configured; else one thread per core other processes leave free (threads.py)
+        self.share = None if tier.n_threads else CoreShare()
+        self.n_threads = tier.n_threads or self.share.threads()
         self.load_s: float | None = None
         self._llm = None
         self._formatter = None
@@ -206,7 +210,18 @@ class LlamaBackend:
 
     def _model(self):
         self.load()
+        self._fit_threads()
         return self._llm
+
+    def _fit_threads(self) -> None:
+        """Follow the free cores (:class:`~.threads.CoreShare`) unless ``n_threads`` is configured."""
+        if self.share is None:
+            return
+        n = self.share.threads()
+        if n != self.n_threads:
+            import llama_cpp
+            llama_cpp.llama_set_n_threads(self._llm._ctx.ctx, n, n)
+            self.n_threads = n
 
     # ------------------------------------------------------------------ prompt
 
