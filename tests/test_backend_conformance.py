@@ -18,7 +18,8 @@ from dreamroute.backends.openai_http import OpenAIBackend
 from dreamroute.backends.scripted import ScriptedBackend
 from dreamroute.bench import bench_tier
 from dreamroute.config import ModelSource, Settings, TierConfig, default_tiers
-from dreamroute.errors import BackendError, ConfigError, ModelFileError
+from dreamroute.backends.options import json_problem
+from dreamroute.errors import BackendError, ConfigError, GenerationCancelled, ModelFileError, OptionError
 
 Q1 = [{"role": "user", "content": "What is the capital of France?"}]
 Q2 = [{"role": "system", "content": "Answer briefly."},
@@ -36,8 +37,22 @@ def _word_lp(word: str) -> float:
     return -0.05 * (1 + len(word) % 7)
 
 
-def fake_server(*, stream=True, logprobs=True, usage=True, echo=True, log: list | None = None):
-    """An OpenAI-compatible server as an httpx handler. Tokens are whitespace words."""
+def _token_lp(w: str, i: int, k: int) -> dict:
+    """One word's ``logprobs.content`` entry as llama-server sends it: the token with the space
+    before it, its bytes, and ``k`` alternatives (the word first, then less likely ones)."""
+    tok = (" " if i else "") + w
+    lp = _word_lp(w)
+    top = [{"token": tok, "logprob": lp, "bytes": list(tok.encode())}]
+    rest = 1.0 - math.exp(lp)  # alternatives share what the word leaves, halving each time
+    top += [{"token": f"<alt{j}>", "logprob": math.log(rest * 0.5 ** j), "bytes": list(f"<alt{j}>".encode())}
+            for j in range(1, k)]
+    return {"token": tok, "logprob": lp, "bytes": list(tok.encode()), "top_logprobs": top[:k]}
+
+
+def fake_server(*, stream=True, logprobs=True, usage=True, echo=True, honour_stop=True, log: list | None = None):
+    """An OpenAI-compatible server as an httpx handler. Tokens are whitespace words; ``stop``
+    (unless ``honour_stop`` is off), ``top_logprobs`` and a JSON ``response_format`` (the answer
+    becomes ``{"answer": "<its first word>"}``) are honoured as llama-server does."""
 
     def handler(request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content or b"{}")
@@ -48,28 +63,42 @@ def fake_server(*, stream=True, logprobs=True, usage=True, echo=True, log: list 
             if body.get("stream") and not stream:
                 return httpx.Response(400, json={"error": "stream not supported"})
             words = _answer(body["messages"])
+            if (body.get("response_format") or {}).get("type") in ("json_object", "json_schema"):
+                words = ['{"answer":', f'"{words[0]}"}}']
             finish = "stop"
             if len(words) > body.get("max_tokens", 10**9):
                 words, finish = words[: body["max_tokens"]], "length"
+            stops = body.get("stop") or []
+            for n in range(1, len(words) + 1) if stops and honour_stop else ():
+                if any(s in " ".join(words[:n]) for s in stops):  # as a model generating word by word
+                    words, finish = words[:n], "stop"
+                    break
             n_prompt = sum(len(m["content"].split()) for m in body["messages"])
             use = {"prompt_tokens": n_prompt, "completion_tokens": len(words),
                    "total_tokens": n_prompt + len(words),
                    "prompt_tokens_details": {"cached_tokens": 0}}
-            lp = (lambda w: {"content": [{"token": w, "logprob": _word_lp(w)}]}) if (
-                logprobs and body.get("logprobs")) else (lambda w: None)
+            text = " ".join(words)
+            if stops and honour_stop:
+                text = text[:min([text.find(s) for s in stops if s in text] or [len(text)])]
+            k = body.get("top_logprobs", 0)
+            lp = (lambda w, i: {"content": [_token_lp(w, i, k)]}) if (
+                logprobs and body.get("logprobs")) else (lambda w, i: None)
             if body.get("stream"):
                 chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}]
+                sent = 0
                 for i, w in enumerate(words):
-                    chunks.append({"choices": [{"index": 0, "delta": {"content": (" " if i else "") + w},
-                                                "logprobs": lp(w), "finish_reason": None}]})
+                    piece = ((" " if i else "") + w)[: max(len(text) - sent, 0)]
+                    sent += len(piece)
+                    chunks.append({"choices": [{"index": 0, "delta": {"content": piece},
+                                                "logprobs": lp(w, i), "finish_reason": None}]})
                 chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
                 if usage and (body.get("stream_options") or {}).get("include_usage"):
                     chunks.append({"choices": [], "usage": use})
                 sse = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
                 return httpx.Response(200, content=sse.encode(), headers={"content-type": "text/event-stream"})
-            content = [{"token": w, "logprob": _word_lp(w)} for w in words]
-            resp = {"choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(words)},
-                                 "logprobs": {"content": content} if lp("x") else None,
+            content = [_token_lp(w, i, k) for i, w in enumerate(words)]
+            resp = {"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "logprobs": {"content": content} if lp("x", 0) else None,
                                  "finish_reason": finish}]}
             if usage:
                 resp["usage"] = use
@@ -117,11 +146,17 @@ def llama_backend():
 @pytest.fixture(params=["scripted", "openai", pytest.param("llama", marks=pytest.mark.model)])
 def backend(request):
     if request.param == "scripted":
-        return ScriptedBackend("scripted-1", lambda msgs: " ".join(_answer(msgs)),
-                               logprob=lambda tok, i: -0.1 * (1 + i % 3))
+        return ScriptedBackend("scripted-1", _scripted_answer, logprob=lambda tok, i: -0.1 * (1 + i % 3))
     if request.param == "openai":
         return openai_backend()
     return request.getfixturevalue("llama_backend")
+
+
+def _scripted_answer(messages: list[dict]) -> str:
+    """The scripted fixture's answer: the fake server's words, or JSON when the prompt asks for it."""
+    if "JSON" in messages[-1]["content"]:
+        return '{"answer": "Paris"}'
+    return " ".join(_answer(messages))
 
 
 def _stateful(b) -> bool:
@@ -381,3 +416,147 @@ def test_llama_score_new_only_is_the_tail_of_score(llama_backend, tmp_path):
     full = llama_backend.score(follow)
     assert 0 < len(new) < n - 1 and len(full) == n - 1
     assert np.allclose(new, full[-len(new):], atol=1e-3)   # a settled state scores as a cold prefill
+
+
+# ----------------------------------------------------------------------------- generation options
+
+QJ = [{"role": "user", "content": "Reply in JSON with one key, answer: what is the capital of France?"}]
+SCHEMA = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {
+    "type": "object", "properties": {"answer": {"type": "string", "maxLength": 24}},
+    "required": ["answer"], "additionalProperties": False}}}
+
+
+def incremental_cut(pieces: list[bytes], stops: list[str]) -> tuple[str, int]:
+    """(text, tokens generated) of a generation of ``pieces`` under ``stops``, as a model generates:
+    it ends at the first token after which the text holds a stop string, before that string's
+    earliest start (llama-cpp-python's and OpenAI's rule)."""
+    text, raw = b"", [s.encode() for s in stops]
+    for n, p in enumerate(pieces, 1):
+        text += p
+        found = [text.find(s) for s in raw if s in text]
+        if found:
+            return text[:min(found)].decode("utf-8", errors="ignore"), n
+    return text.decode("utf-8", errors="ignore"), len(pieces)
+
+
+def test_stop_ends_the_text_before_the_first_stop_string_generated(backend):
+    plain = backend.generate(Q1, max_tokens=16, logprobs=True)
+    pieces = [t.bytes for t in plain.token_details]
+    words = plain.text.split()
+    assert len(words) >= 3 and len(pieces) == plain.completion_tokens
+    # stop strings from the backend's own answer: a word, a piece of one with a later word, one never said,
+    # and a long one that starts earlier but completes after a short one
+    for stops in ([words[1]], [words[2][1:], words[1]], ["\u2603never\u2603", words[-1]],
+                  [" ".join(words[:3]), words[1][:2]]):
+        want, n = incremental_cut(pieces, stops)
+        g = backend.generate(Q1, max_tokens=16, stop=stops)
+        assert g.text == want and g.finish_reason == "stop", stops
+        assert g.completion_tokens == n
+    g = backend.generate(Q1, max_tokens=16, stop="\u2603absent\u2603")  # one string, never generated
+    assert g.text == plain.text and g.finish_reason == plain.finish_reason
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 20])
+def test_logprobs_in_openai_layout(backend, k):
+    g = backend.generate(Q1, max_tokens=12, logprobs=True, top_logprobs=k)
+    d = g.token_details
+    assert d is not None and len(d) == g.completion_tokens
+    assert b"".join(t.bytes for t in d) == g.text.encode()
+    assert [t.logprob for t in d] == pytest.approx(g.token_logprobs)
+    for t in d:
+        assert t.token == t.bytes.decode("utf-8", errors="ignore") and t.logprob <= 0
+        tops = [a.logprob for a in t.top_logprobs]
+        assert len(tops) == k and tops == sorted(tops, reverse=True)
+        assert all(v <= 0 and math.isfinite(v) for v in tops) and sum(math.exp(v) for v in tops) <= 1 + 1e-6
+        if k:  # greedy: the token generated is the most likely one
+            assert t.top_logprobs[0].bytes == t.bytes and tops[0] == pytest.approx(t.logprob, abs=1e-6)
+        o = t.to_openai()
+        assert set(o) == {"token", "logprob", "bytes", "top_logprobs"} and o["bytes"] == list(t.bytes)
+        assert all(set(a) == {"token", "logprob", "bytes"} for a in o["top_logprobs"])
+    plain = backend.generate(Q1, max_tokens=12)
+    assert plain.token_details is None and plain.text == g.text
+
+
+@pytest.mark.parametrize("kw, param", [({"top_logprobs": 21}, "top_logprobs"), ({"top_logprobs": -1}, "top_logprobs"),
+                                       ({"top_logprobs": True}, "top_logprobs"),
+                                       ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": [""]}, "stop"),
+                                       ({"response_format": {"type": "yaml"}}, "response_format"),
+                                       ({"response_format": {"type": "json_schema", "json_schema": {"schema": 3}}},
+                                        "response_format")])
+def test_options_out_of_range_are_refused_naming_the_parameter(backend, kw, param):
+    with pytest.raises(OptionError) as e:
+        backend.generate(Q1, max_tokens=4, **kw)
+    assert e.value.param == param
+
+
+@pytest.mark.parametrize("fmt", [{"type": "json_object"}, SCHEMA], ids=["json_object", "json_schema"])
+def test_json_response_format(backend, fmt):
+    g = backend.generate(QJ, max_tokens=80, response_format=fmt)
+    assert g.finish_reason == "stop" and json_problem(g.text, fmt) is None, g.text
+    assert backend.generate(QJ, max_tokens=80, response_format={"type": "text"}).text == \
+        backend.generate(QJ, max_tokens=80).text
+
+
+def test_cancel_stops_within_a_token_and_leaves_the_backend_usable(backend):
+    plain = backend.generate(Q1, max_tokens=12)
+    with pytest.raises(GenerationCancelled) as e:
+        backend.generate(Q1, max_tokens=12, cancel=lambda: True)
+    assert e.value.completion_tokens == 0
+    polls: list[int] = []
+
+    def after_three() -> bool:
+        polls.append(1)
+        return len(polls) > 3
+
+    with pytest.raises(GenerationCancelled) as e:
+        backend.generate(Q1, max_tokens=12, cancel=after_three)
+    assert len(polls) == 4 and e.value.completion_tokens <= 3   # polled before and between tokens
+    again = backend.generate(Q1, max_tokens=12, cancel=lambda: False)
+    assert again.text == plain.text and again.completion_tokens == plain.completion_tokens
+
+
+def test_scripted_json_mode_checks_the_scripted_answer():
+    b = ScriptedBackend("s", lambda m: "not json at all")
+    with pytest.raises(BackendError, match="not JSON"):
+        b.generate(Q1, response_format={"type": "json_object"})
+    b = ScriptedBackend("s", lambda m: '{"answer": 7}')
+    with pytest.raises(BackendError, match=r"\$\.answer is not of type string"):
+        b.generate(Q1, response_format=SCHEMA)
+    assert b.generate(Q1, response_format={"type": "json_object"}).text == '{"answer": 7}'
+
+
+def test_openai_sends_options_upstream_and_cuts_stop_itself():
+    log: list = []
+    b = openai_backend(log=log, honour_stop=False)
+    plain = b.generate(Q1, max_tokens=8)
+    stop = plain.text.split()[2]
+    g = b.generate(Q1, max_tokens=8, stop=[stop], logprobs=True, top_logprobs=3,
+                   response_format={"type": "json_object"})
+    body = log[-1][1]
+    assert body["stop"] == [stop] and body["top_logprobs"] == 3 and body["logprobs"] is True
+    assert body["response_format"] == {"type": "json_object"}
+    assert "top_logprobs" not in log[0][1] and "stop" not in log[0][1] and "response_format" not in log[0][1]
+    g = b.generate(Q1, max_tokens=8, stop=[stop], logprobs=True)   # the server ignores stop: cut here
+    assert g.text == plain.text[:plain.text.index(stop)] and g.finish_reason == "stop"
+    assert b"".join(t.bytes for t in g.token_details).startswith(g.text.encode())
+    with pytest.raises(OptionError, match="sent no logprobs") as e:
+        openai_backend(logprobs=False).generate(Q1, max_tokens=4, logprobs=True)
+    assert e.value.param == "logprobs"
+
+
+def test_replay_refuses_what_a_recording_cannot_honour(tmp_path):
+    from .test_recorded import small_set
+    from dreamroute.backends.replay import replay_backends
+
+    backends, cursor = replay_backends(small_set(tmp_path))
+    cursor.select("q1")
+    msgs = [{"role": "user", "content": "What is 1 + 4?"}]
+    for kw, param in (({"stop": ["4"]}, "stop"), ({"logprobs": True}, "logprobs"),
+                      ({"top_logprobs": 2}, "logprobs"), ({"response_format": {"type": "json_object"}},
+                                                          "response_format")):
+        with pytest.raises(OptionError) as e:
+            backends["tactical"].generate(msgs, **kw)
+        assert e.value.param == param
+    with pytest.raises(GenerationCancelled):
+        backends["tactical"].generate(msgs, cancel=lambda: True)
+    assert backends["tactical"].generate(msgs, response_format={"type": "text"}, cancel=lambda: False).text

@@ -79,3 +79,82 @@ def test_dashboard_data_needs_the_key_but_the_page_does_not(tmp_path):
     assert c.get("/dashboard").status_code == 200
     assert c.get("/dashboard/data").status_code == 401
     assert c.get("/dashboard/data", headers={"Authorization": "Bearer k3y"}).json()["requests"] == 0
+
+
+# A same-origin page that loads the dashboard in frames of two widths and, once each has drawn,
+# reports every chart label's getBBox() against its chart's viewBox (and its screen box against
+# its panel's), the single-point markers and the tier-mix bars, as JSON in <pre id="result">.
+LAYOUT_CHECK = """<!doctype html><html><body><pre id="result">pending</pre>
+<iframe id="wide" src="/dashboard" style="width:1400px;height:1200px;border:0"></iframe>
+<iframe id="narrow" src="/dashboard" style="width:500px;height:2600px;border:0"></iframe>
+<script>
+const out = {};
+function check(f) {
+  const doc = f.contentDocument;
+  if (!doc || !doc.body || doc.body.dataset.loaded !== "1") { setTimeout(() => check(f), 100); return; }
+  const r = {texts: 0, outside: [], markers: [], mix: [], legend: []};
+  for (const svg of doc.querySelectorAll("section svg")) {
+    const vb = svg.viewBox.baseVal, section = svg.closest("section"), pr = section.getBoundingClientRect();
+    for (const t of svg.querySelectorAll("text")) {
+      r.texts++;
+      const b = t.getBBox(), s = t.getBoundingClientRect();
+      const inBox = b.x >= -0.5 && b.y >= -0.5 && b.x + b.width <= vb.width + 0.5 && b.y + b.height <= vb.height + 0.5;
+      const inPanel = s.left >= pr.left - 0.5 && s.right <= pr.right + 0.5 && s.top >= pr.top - 0.5
+                      && s.bottom <= pr.bottom + 0.5;
+      if (!inBox || !inPanel) r.outside.push([section.id, t.textContent, [b.x, b.y, b.width, b.height], [vb.width, vb.height]]);
+    }
+  }
+  r.markers = [...doc.querySelectorAll("circle[data-series]")].map(c => [c.closest("section").id, c.dataset.series,
+                                                                         c.getBBox().width]);
+  r.mix = [...doc.querySelectorAll("#mix rect[data-tier]")].map(x => [x.dataset.tier, x.getBBox().width]);
+  r.legend = [...doc.querySelectorAll("#cq-legend [data-tier]")].map(x => x.dataset.tier);
+  out[f.id] = r;
+  if (Object.keys(out).length === 2) {
+    document.getElementById("result").textContent = JSON.stringify(out);
+    document.body.dataset.done = "1";
+  }
+}
+for (const f of document.querySelectorAll("iframe")) f.addEventListener("load", () => check(f));
+</script></body></html>"""
+LONG = ("sensory", "tactical-qwen2.5-coder-0.5b-instruct-q4", "specialized-qwen2.5-coder-1.5b-instruct-q4_k_m")
+
+
+@pytest.mark.parametrize("n", [1, 12])
+def test_single_points_every_tier_and_labels_inside_their_panels(tmp_path, n):
+    """One request (every series a single point) or twelve, tiers with long names, a large budget:
+    every series is visible, every tier that answered has a bar, no label leaves its panel."""
+    import html
+    import json
+
+    from fastapi.responses import HTMLResponse
+
+    from dreamroute.backends.scripted import ScriptedBackend
+    from dreamroute.config import Settings, TierConfig
+
+    items, answers = problem_answers(n)
+    settings = Settings(tiers=[TierConfig(name=t, model=t, backend="scripted", params_b=p)
+                               for t, p in zip(LONG, (0.135, 0.5, 1.5))], data_dir=tmp_path)
+    base = scripted_backends(answers)
+    backends = {long: ScriptedBackend(f"sha-{long}", base[short].script, decode_s_per_token=40.0 * (i + 1),
+                                      logprob=base[short].logprob)
+                for i, (long, short) in enumerate(zip(LONG, TIERS))}
+    dr = DreamRoute(settings, db=tmp_path / "s.db", backends=backends, policy="cascade:0.6", budget=123456.789)
+    answered = [dr.complete(it.prompt, gold=it.answer, grader=it.grader) for it in items]
+    assert any(a.escalated for a in answered)
+    called = {r["tier"] for r in dr.store.experiences(["tier"])}
+    app = create_app(settings, dr=dr)
+    app.add_api_route("/layout-check", lambda: HTMLResponse(LAYOUT_CHECK), methods=["GET"])
+    with served(app) as url:
+        dom = chromium(tmp_path, "--dump-dom", "--window-size=1400,1100", f"{url}/layout-check")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert 'data-done="1"' in dom.stdout, dom.stdout[-3000:]
+    text = dom.stdout.split('<pre id="result">', 1)[1].split("</pre>", 1)[0]
+    result = json.loads(html.unescape(text))
+    for width, r in result.items():
+        assert r["texts"] > 10 and r["outside"] == [], (width, r["outside"])
+        assert [t for t, w in r["mix"]] == [t for t in LONG if t in called] and all(w >= 1 for _, w in r["mix"])
+        assert set(r["legend"]) >= {a.tier for a in answered}
+        if n == 1:  # every series is one point: each is drawn as a visible dot
+            panels = {(p, s) for p, s, w in r["markers"] if w >= 6}
+            assert {("atp-panel", "spent"), ("atp-panel", "budget")} <= panels
+            assert {p for p, _ in panels} >= {"trust-panel", "atp-panel"}

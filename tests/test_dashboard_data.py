@@ -36,3 +36,20 @@ def test_dashboard_page_is_self_contained():
     html = dashboard_page()
     assert "<svg" in html and "dashboard/data" in html
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html
+
+
+def test_every_tier_that_answered_is_in_the_tier_mix(tmp_path):
+    """A tier that answered before an escalation (or only audited) is in the mix with its calls."""
+    items, answers = problem_answers(6)
+    with DreamRoute(scripted_settings(tmp_path), backends=scripted_backends(answers), policy="cascade:0.6") as dr:
+        answered = [dr.complete(it.prompt, gold=it.answer, grader=it.grader) for it in items[:3]]
+        d = dashboard_data(dr.store)
+        rows = dr.store.experiences(["tier", "role"])
+    assert any(a.escalated for a in answered)
+    called = {r["tier"] for r in rows}
+    assert list(d["tier_mix"]) == [t for t in ("sensory", "tactical", "specialized") if t in called]
+    assert d["tier_mix"]["sensory"] == 0 < sum(d["tier_mix"].values()) == 3   # answered, never final
+    assert d["tier_mix"] == {t: sum(a.tier == t for a in answered) for t in called}
+    assert {t: sum(c.values()) for t, c in d["tier_calls"].items()} == {t: sum(r["tier"] == t for r in rows)
+                                                                          for t in called}
+    assert d["tier_calls"]["sensory"] == {"chosen": 3}

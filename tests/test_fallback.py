@@ -8,7 +8,7 @@ import pytest
 
 from dreamroute import DreamRoute
 from dreamroute.backends.scripted import ScriptedBackend
-from dreamroute.errors import BackendError, UnknownTierError
+from dreamroute.errors import BackendError, NoTierAvailableError, TierCoolingError, TierError, UnknownTierError
 from dreamroute.router.cooldown import Cooldown
 from dreamroute.router.types import Request
 
@@ -56,62 +56,82 @@ def make(tmp_path, backends, **kw):
     return DreamRoute(scripted_settings(tmp_path), db=tmp_path / "s.db", backends=backends, **kw)
 
 
-def test_cooldown_fallback_order():
+def test_cooldown_deadlines():
     clock = Clock()
     cd = Cooldown(list(TIERS), 60.0, clock=clock)
-    assert cd.available() == list(TIERS) and cd.fallback("tactical", ["tactical"]) == "specialized"
-    cd.cool("specialized")
+    assert cd.available() == list(TIERS) and cd.cooling("tactical") == 0.0
+    assert cd.cool("specialized", reason="boom")                              # the configured 60 s
     assert cd.available() == ["sensory", "tactical"] and cd.remaining() == {"specialized": 60.0}
-    assert cd.fallback("tactical", ["tactical"]) == "sensory"               # nothing above: down
-    assert cd.fallback("tactical", ["tactical"], up_only=True) is None
-    clock.t += 60.0
+    assert cd.reasons["specialized"] == "boom"
+    cd.cool("tactical", 5.0)                                                  # an upstream's Retry-After
+    assert cd.cooling("tactical") == 5.0
+    cd.cool("specialized", 1.0)                                               # a later deadline is kept
+    assert cd.cooling("specialized") == 60.0
+    clock.t += 5.0
+    assert cd.available() == ["sensory", "tactical"]
+    clock.t += 55.0
     assert cd.available() == list(TIERS) and cd.remaining() == {}
+    off = Cooldown(list(TIERS), None, clock=clock)                            # fallback off: only Retry-After cools
+    assert not off.cool("sensory") and off.available() == list(TIERS)
+    assert off.cool("sensory", 2.0) and off.available() == ["tactical", "specialized"]
     with pytest.raises(ValueError):
         Cooldown(list(TIERS), -1.0)
 
 
 @pytest.mark.parametrize("timeout", [False, True])
-def test_failing_tier_falls_back_up_and_is_cooled(tmp_path, timeout):
-    backends = hierarchy(failing={"tactical"}, timeout=timeout)
-    with make(tmp_path, backends) as dr:
+def test_failing_tier_falls_back_to_the_cheapest_available_and_is_cooled(tmp_path, timeout):
+    backends = hierarchy(failing={"sensory"}, timeout=timeout)
+    with make(tmp_path, backends, policy="cascade:0") as dr:   # cheapest available first, never escalates
         clock = Clock()
         dr.engine.cooldown.clock = clock
         seen = []
         dr.engine.on_failure = seen.append
-        a = dr.complete("What is 2 + 2?", tier="tactical")
-        assert a.tier == "specialized" and a.text.startswith("specialized")
-        assert [f.tier for f in a.failures] == ["tactical"] and seen == a.failures
-        assert [(c.tier, c.role) for c in a.calls] == [("specialized", "chosen")]
-        assert dr.engine.cooldown.available() == ["sensory", "specialized"]
+        a = dr.complete("What is 2 + 2?")
+        assert a.tier == "tactical" and a.text.startswith("tactical")
+        assert [f.tier for f in a.failures] == ["sensory"] and seen == a.failures
+        assert [(c.tier, c.role) for c in a.calls] == [("tactical", "chosen")]
+        assert dr.engine.cooldown.available() == ["tactical", "specialized"]
         # stored: the answer as an experience; the failed call as background work with no ATP
         rows = dr.store.experiences(["tier", "role", "atp_joules"])
-        assert [(r["tier"], r["role"]) for r in rows] == [("specialized", "chosen")]
-        assert failed_calls(tmp_path / "s.db") == [("failed_call", "tactical", 0, 0.0)]
-        # while cooling: the tier is not called again, not even when forced
-        b = dr.complete("What is 3 + 3?", tier="tactical")
-        assert b.tier == "specialized" and b.failures == [] and backends["tactical"].attempts == 1
-        for i in range(6):   # routed requests never choose the cooled tier
+        assert [(r["tier"], r["role"]) for r in rows] == [("tactical", "chosen")]
+        assert failed_calls(tmp_path / "s.db") == [("failed_call", "sensory", 0, 0.0)]
+        for i in range(6):   # while cooling, routed requests never call it
             r = dr.complete(f"What is {i} + 1?")
-            assert all(c.tier != "tactical" for c in r.calls)
-        assert backends["tactical"].attempts == 1
+            assert all(c.tier != "sensory" for c in r.calls) and r.failures == []
+        assert backends["sensory"].attempts == 1
         clock.t += 61.0      # expired: tried again (and cooled again)
-        c = dr.complete("What is 4 + 4?", tier="tactical")
-        assert backends["tactical"].attempts == 2 and c.tier == "specialized"
+        c = dr.complete("What is 4 + 4?")
+        assert backends["sensory"].attempts == 2 and c.tier == "tactical"
         assert dr.store.verify_ledger().ok
 
 
-def test_top_tier_failing_falls_back_down(tmp_path):
-    with make(tmp_path, hierarchy(failing={"specialized"})) as dr:
-        a = dr.complete("What is 2 + 2?", tier="specialized")
-        assert a.tier == "tactical" and [f.tier for f in a.failures] == ["specialized"]
+def test_routed_top_tier_failing_falls_back_to_the_cheapest(tmp_path):
+    with make(tmp_path, hierarchy(failing={"specialized"}), policy="random:1.0") as dr:   # always the top tier
+        a = dr.complete("What is 2 + 2?")
+        assert a.tier == "sensory" and [f.tier for f in a.failures] == ["specialized"]
+
+
+def test_forced_failing_tier_fails_naming_it_and_is_not_answered_by_another(tmp_path):
+    backends = hierarchy(failing={"tactical"})
+    with make(tmp_path, backends) as dr:
+        with pytest.raises(TierError, match="tactical.*model crashed") as ei:
+            dr.complete("What is 2 + 2?", tier="tactical")
+        assert ei.value.tier == "tactical" and not isinstance(ei.value, TierCoolingError)
+        assert all(not b.calls for n, b in backends.items() if n != "tactical")
+        with pytest.raises(TierCoolingError, match="tactical"):   # cooling: refused without a call
+            dr.complete("What is 3 + 3?", tier="tactical")
+        assert backends["tactical"].attempts == 1 and dr.store.count_experiences() == 0
 
 
 def test_every_tier_failing_fails_the_request_and_stores_no_experience(tmp_path):
     with make(tmp_path, hierarchy(failing=set(TIERS))) as dr:
-        with pytest.raises(BackendError, match="no tier could answer"):
+        with pytest.raises(NoTierAvailableError, match="no tier could answer") as ei:
             dr.complete("What is 2 + 2?")
+        assert set(ei.value.failed) | set(ei.value.cooling) == set(TIERS)
         assert dr.store.count_experiences() == 0
-        assert sorted(t for _, t, _, _ in failed_calls(tmp_path / "s.db")) == sorted(TIERS)
+        rows = failed_calls(tmp_path / "s.db")
+        assert sorted(t for k, t, _, _ in rows if k == "failed_call") == sorted(TIERS)
+        assert [k for k, *_ in rows].count("unanswered") == 1
         assert dr.engine.cooldown.available() == []
 
 
@@ -134,10 +154,11 @@ def test_failed_audit_is_dropped_and_failed_escalation_stops(tmp_path):
 
 
 def test_without_cooldown_a_failure_fails_the_request(tmp_path):
-    with make(tmp_path, hierarchy(failing={"tactical"}), cooldown_s=None) as dr:
-        with pytest.raises(BackendError, match="model crashed"):
-            dr.complete("What is 2 + 2?", tier="tactical")
-        assert failed_calls(tmp_path / "s.db") == [] and dr.store.count_experiences() == 0
+    with make(tmp_path, hierarchy(failing={"sensory"}), cooldown_s=None, policy="cascade:0") as dr:
+        with pytest.raises(TierError, match="model crashed"):
+            dr.complete("What is 2 + 2?")
+        assert failed_calls(tmp_path / "s.db") == [("failed_call", "sensory", 0, 0.0)]
+        assert dr.store.count_experiences() == 0 and dr.engine.cooldown.available() == list(TIERS)
 
 
 def test_forced_tier(tmp_path):

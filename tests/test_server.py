@@ -197,7 +197,7 @@ def test_fast_path(tmp_path):
     assert not ask(c).json()["dreamroute"]["fast_path"]          # no witnessed success yet
     assert c.post("/v1/feedback", json={"id": first["id"], "outcome": "success"}).status_code == 200
     n = stored(dr, tmp_path / "s.db")
-    r = ask(c, f"  Is 91 a prime   number?\nAnswer yes or no. ", model="dreamroute")
+    r = ask(c, Q, model="dreamroute")                             # the exact repeat
     hit = r.json()
     assert hit["dreamroute"]["fast_path"] and hit["dreamroute"]["atp_joules"] == 0.0
     assert hit["dreamroute"]["cached_from"] == first["dreamroute"]["request_id"] and hit["id"] != first["id"]
@@ -207,7 +207,8 @@ def test_fast_path(tmp_path):
     stream = sse(c.post("/v1/chat/completions", json={"model": "dreamroute", "messages": user(Q),
                                                       "stream": True}).text)
     assert stream[-1]["dreamroute"]["fast_path"]
-    for other in ["Is 91 not a prime number? Answer yes or no.",      # negated
+    for other in ["  Is 91 a prime   number?\nAnswer yes or no. ",    # whitespace can change an answer
+                  "Is 91 not a prime number? Answer yes or no.",      # negated
                   "Answer yes or no. Is 91 a prime number?",          # reordered
                   "Is 91 a Prime number? Answer yes or no.",          # case can change a question
                   [{"role": "system", "content": "Answer in French."}, *user(Q)]]:
@@ -232,12 +233,12 @@ def test_fast_path_off(tmp_path):
     assert not ask(c).json()["dreamroute"]["fast_path"]
 
 
-def test_backend_failure_falls_back_and_cools_down(tmp_path):
+def test_backend_failure_is_reported_and_cools_down(tmp_path):
     c, dr = make(tmp_path, scripted(failing={"tactical"}))
-    r = ask(c, model="tactical")
-    info = r.json()["dreamroute"]
-    assert info["tier"] == "specialized" and info["failed_tiers"] == ["tactical"]
-    assert r.headers["x-dreamroute-tier"] == "specialized"
+    r = c.post("/v1/chat/completions", json={"model": "tactical", "messages": user(Q)})
+    err = r.json()["error"]   # a named tier is never answered by another one (tests/test_faults.py)
+    assert r.status_code == 502 and err["code"] == "tier_failed" and "tactical" in err["message"]
+    assert "model crashed" in err["message"] and "x-dreamroute-tier" not in r.headers
     assert c.get("/v1/trust").json()["cooldown"].keys() == {"tactical"}
     fams = {f.name: f for f in text_string_to_metric_families(c.get("/metrics").text)}
     assert [(s.labels["tier"], s.value) for s in fams["dreamroute_backend_failures"].samples

@@ -89,6 +89,7 @@ def test_upgrade_from_oldest_schema_keeps_rows(tmp_path):
     row.pop("surprise_tier")                   # added by migration 3
     row.pop("messages_hash")                   # added by migration 5
     row.pop("finish_reason")                   # added by migration 6
+    row.pop("messages_hash_v1")                # added by migration 9
     con = sqlite3.connect(path)
     with con:
         con.execute("INSERT INTO model_versions (id, tier, identity, name, status, created_at) "

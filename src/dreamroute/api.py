@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .atp import TierCost, cost_from_calibration, estimated_cost
 from .backends import make_backend
-from .backends.base import Backend
+from .backends.base import Backend, CancelCheck, GenOptions
 from .cache.reality import RealityCache
 from .cache.response import CachedAnswer, ResponseCache
 from .cache.reuse import ConversationKV
@@ -21,7 +21,8 @@ from .config import Settings, load_settings
 from .errors import ConfigError
 from .router.engine import Engine
 from .router.feedback import feedback_update
-from .router.memory import BudgetPacer, Memory
+from .router.memory import Memory
+from .router.pacing import make_pacer
 from .router.policies import make_policy
 from .router.types import Answer, Outcome, Request
 from .store.store import Store, read_calibration
@@ -90,8 +91,7 @@ class DreamRoute:
         # the configured identities (a config `lora:` included), before any DREAM adapter is applied
         self._identities = {t: backends[t].identity for t in tiers}
         self.memory = self._load_versions()
-        self.pacer = BudgetPacer(budget, self.settings.router.lambda_rate, self.settings.router.lambda_init,
-                                 self.settings.router.pacing_horizon)
+        self.pacer = make_pacer(budget, self.settings.router)  # router.pacer: spend (default) | dual
         cc = self.settings.cache
         self.kv = ConversationKV(RealityCache(self.settings.kv_dir, cc.max_bytes)) if cc.enabled else None
         self.responses = ResponseCache() if fast_path else None
@@ -137,18 +137,23 @@ class DreamRoute:
     def complete(self, prompt: str | list[dict], *, gold: str | None = None, grader: str | None = None,
                  conversation_id: str | None = None, priority: float = 0.0, max_tokens: int = 320,
                  item_key: str | None = None, tier: str | None = None,
-                 request_id: str | None = None) -> Answer:
+                 request_id: str | None = None, options: GenOptions | None = None,
+                 cancel: CancelCheck | None = None) -> Answer:
         """Answer a prompt (a string or chat messages) through the router.
 
         With ``gold`` and ``grader`` the answer is graded at once (ground truth);
         otherwise its outcome stays unknown until :meth:`record_outcome` or an audit.
         ``tier`` forces one tier for this request (as policy ``always:TIER``; UnknownTierError
         for a tier the hierarchy lacks); ``request_id`` names the request (default: a new uuid).
+        ``options`` (stop strings, logprobs, a JSON mode) apply to every call the router makes
+        for it; ``cancel`` is polled between tokens and stops the request with
+        GenerationCancelled, recording nothing of it but its ATP (background work ``cancelled``).
+        An option a tier cannot honour raises OptionError (a RequestError).
         Returns the :class:`Answer` (``.text``, ``.tier``, ``.atp``, ``.request.request_id``).
         """
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         req = Request(messages, conversation_id=conversation_id, priority=priority, max_tokens=max_tokens,
-                      grader=grader, item_key=item_key, tier=tier)
+                      grader=grader, item_key=item_key, tier=tier, options=options or GenOptions(), cancel=cancel)
         if request_id is not None:
             req.request_id = request_id
         ans, outcomes = self.engine.handle(req, gold)
@@ -157,8 +162,8 @@ class DreamRoute:
 
     def cached(self, messages: list[dict], *, max_tokens: int | None = None,
                tier: str | None = None) -> CachedAnswer | None:
-        """The fast path: the stored answer of exactly this conversation (normalised, see
-        :mod:`dreamroute.cache.response`) when it has a witnessed success on record, else None
+        """The fast path: the stored answer of exactly this conversation (every role and content
+        as given, see :mod:`dreamroute.cache.response`) when it has a witnessed success on record, else None
         (always None without ``fast_path``). Costs no model call and changes nothing stored."""
         if self.responses is None:
             return None

@@ -150,7 +150,7 @@ def simulate(recorded: Path = typer.Argument(..., help="Recorded outcomes: a col
              shuffle: Optional[int] = typer.Option(None, help="Replay in an order shuffled with this seed."),
              seeds: int = typer.Option(1, help="Repeat everything random N times and average."),
              budget: Optional[float] = typer.Option(None, help="Average ATP per request (single run)."),
-             seed: int = typer.Option(0), plot: Optional[Path] = typer.Option(None, help="Cost-quality PNG."),
+             seed: int = typer.Option(0), plot: Optional[Path] = typer.Option(None, help="Cost-quality PNG; beside it STEM_spend.png, the running ATP per request against the budget."),
              json_path: Optional[Path] = typer.Option(None, "--json"),
              config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
     """Replay recorded outcomes through the live router (bandit feedback), with metrics and a curve."""
@@ -169,6 +169,11 @@ def simulate(recorded: Path = typer.Argument(..., help="Recorded outcomes: a col
         plot_cost_quality(plot, curves, singles, (res["oracle"]["cost_fraction"], res["oracle"]["accuracy"]),
                           f"{policy} on {res['recording']}")
         console.print(f"wrote {plot}")
+        from .eval.spend import plot_spend
+        spend_png = plot.with_name(f"{plot.stem}_spend{plot.suffix or '.png'}")
+        plot_spend(spend_png, {policy: res["trace"]}, budget,
+                   f"running ATP per request: {policy} on {res['recording']} (seed {seed})")
+        console.print(f"wrote {spend_png}")
     if json_path:
         write_json(json_path, res)
         console.print(f"wrote {json_path}")

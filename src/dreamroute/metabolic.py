@@ -10,7 +10,7 @@ DESIGN.md's five states, and what each one changes:
   ``focus_quality_target`` are chosen, unless none reaches it) and a cheaper ATP
   price (λ × ``focus_lambda_scale``). Back to WAKE below
   ``focus_exit`` or when the budget runs low.
-* ``REST``: nothing arrived for ``rest_after_s``: the tiers above the
+* ``REST``: no request has run for ``rest_after_s``: the tiers above the
   ``keep_loaded`` cheapest are unloaded (their memory freed); a request that
   needs one reloads it (and wakes the hierarchy).
 * ``DREAM``: resting for ``dream_after_s`` with a DREAM backlog (witnessed
@@ -26,6 +26,12 @@ The controller only decides; whoever owns the models acts on the returned
 :class:`Action` values (the server: unload under the engine lock, start the
 cycle process). It holds no models and no store, and takes time from ``clock``
 (seconds), so tests drive it with a fake clock.
+
+Idle time is counted from the end of the last request, and REST and DREAM never start
+while one runs: the owner brackets each request with :meth:`begin_request` and
+:meth:`end_request` (the server does, from its arrival, waiting for the engine
+included, to its answer or error), and :meth:`tick` does not rest or dream while any
+is in flight.
 """
 
 from __future__ import annotations
@@ -165,6 +171,7 @@ class MetabolicController:
         self.dreaming = False
         self.unloaded: tuple[str, ...] = ()
         self.backlog = 0
+        self.in_flight = 0
 
     # ------------------------------------------------------------------ signals
     def spent_in_period(self) -> float:
@@ -186,13 +193,18 @@ class MetabolicController:
         return sum(self.salience) / len(self.salience) if self.salience else 0.0
 
     def idle_s(self) -> float:
+        """Seconds since the last request ended (or since it began, without ``end_request``);
+        0.0 while one is in flight."""
+        if self.in_flight:
+            return 0.0
         return max(0.0, self.clock() - self.last_activity)
 
     def signals(self) -> dict:
         """The measured signals transitions are decided on."""
         return {"budget_left": round(self.budget_left(), 4), "spent_in_period_j": round(self.spent_in_period(), 3),
                 "idle_s": round(self.idle_s(), 3), "mean_salience": round(self.mean_salience(), 4),
-                "dream_backlog": self.backlog, "dreaming": self.dreaming, "crisis_flag": self.crisis_flag}
+                "dream_backlog": self.backlog, "dreaming": self.dreaming, "crisis_flag": self.crisis_flag,
+                "in_flight": self.in_flight}
 
     def _go(self, target: State, reason: str) -> None:
         if target is self.state:
@@ -202,6 +214,17 @@ class MetabolicController:
         self.state, self.since = target, now
 
     # ------------------------------------------------------------------ requests
+    def begin_request(self) -> None:
+        """A request has arrived (it may wait for the models): no REST or DREAM starts until it ends."""
+        self.in_flight += 1
+        self.last_activity = self.clock()
+
+    def end_request(self) -> None:
+        """A request begun with :meth:`begin_request` ended (answered or failed): idle time counts
+        from now."""
+        self.in_flight = max(0, self.in_flight - 1)
+        self.last_activity = self.clock()
+
     def on_request(self, priority: float, salience: float) -> Knobs:
         """A request is about to be routed: returns its :class:`Knobs`.
 
@@ -273,6 +296,8 @@ class MetabolicController:
         actions: list[Action] = []
         if self.state is State.CRISIS and not self.crisis_flag and now >= self.crisis_until:
             self._go(State.WAKE, f"no crisis request for {cfg.crisis_hold_s:.0f} s")
+        if self.in_flight:
+            return actions   # never rest or dream while a request runs
         idle = self.idle_s()
         if self.state in (State.WAKE, State.FOCUS) and idle >= cfg.rest_after_s:
             self._go(State.REST, f"idle {idle:.0f} s >= {cfg.rest_after_s:.0f} s")
@@ -286,6 +311,13 @@ class MetabolicController:
             self.dreaming = True
             actions.append(Action("dream"))
         return actions
+
+    def cancel_dream(self, reason: str) -> None:
+        """A ``dream`` action was not carried out (a request arrived before the cycle started):
+        not dreaming, and back to WAKE from DREAM."""
+        self.dreaming = False
+        if self.state is State.DREAM:
+            self._go(State.WAKE, reason)
 
     def dream_finished(self, promoted: bool) -> list[Action]:
         """The cycle process ended (promoted or not): back to REST (if still dreaming) and reload."""

@@ -166,11 +166,16 @@ def instability(outcomes: np.ndarray) -> float:
     return 0.0 if len(known) < 3 else float(known.var())
 
 
-def drift(vec: sp.csr_matrix, previous: sp.csr_matrix | None) -> float:
-    """d(x) = 1 − cosine with the previous turn of the same conversation; 0 for a first turn."""
+def drift(vec, previous) -> float:
+    """d(x) = 1 − cosine with the previous turn of the same conversation; 0 for a first turn.
+    Vectors are unit-length: dense (d,) arrays (the router's encoders) or sparse (1, d) rows."""
     if previous is None:
         return 0.0
-    return float(min(1.0, max(0.0, 1.0 - float((vec @ previous.T).toarray()[0, 0]))))
+    if isinstance(vec, np.ndarray):
+        cos = float(np.dot(vec, previous))
+    else:
+        cos = float((vec @ previous.T).toarray()[0, 0])
+    return float(min(1.0, max(0.0, 1.0 - cos)))
 
 
 class SurpriseStats:

@@ -44,6 +44,34 @@ def update(alpha: float, beta: float, reward: float, gamma: float,
     return a + reward, b + (1.0 - reward)
 
 
+def replace_reward(alpha: float, beta: float, old: float, new: float, weight: float,
+                   prior: tuple[float, float] = (1.0, 1.0)) -> tuple[float, float]:
+    """Rewrite one past observation's reward from ``old`` to ``new`` (a changed verdict).
+
+    With x = α − α0 and y = β − β0 the update above is linear, x ← γx + r and
+    y ← γy + (1 − r), so after T updates x = Σ_t γ^(T−t) r_t and
+    y = Σ_t γ^(T−t) (1 − r_t): an observation made d updates ago weighs
+    ``weight`` = γ^d now. Replacing its reward changes only its own term:
+
+        α' = α + w (new − old),  β' = β + w (old − new)
+
+    which is exactly the posterior that ``new`` in place of ``old`` (at the same
+    position in the sequence) would have given; no forgetting step is applied
+    (it is not a new observation). The result is clipped at the prior (float
+    rounding, or a history the slot does not belong to, must not push α or β
+    below it).
+
+    Raises ValueError if a reward is outside [0, 1] or the weight outside [0, 1].
+    """
+    for r in (old, new):
+        if not 0.0 <= r <= 1.0:
+            raise ValueError(f"reward must be in [0, 1], got {r}")
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight must be in [0, 1] (γ^d), got {weight}")
+    a0, b0 = prior
+    return max(a0, alpha + weight * (new - old)), max(b0, beta + weight * (old - new))
+
+
 def mean(alpha: float, beta: float) -> float:
     """Posterior mean α / (α + β), the trust value."""
     return alpha / (alpha + beta)
@@ -92,6 +120,22 @@ class TrustBook:
         before = self.get(version_id, context)
         a, b = update(before.alpha, before.beta, reward, self.gamma, self.prior)
         after = TrustState(a, b, before.count + 1)
+        self._states[(version_id, context)] = after
+        return before, after
+
+    def known(self, version_id: int, context: str) -> bool:
+        """Whether (version, context) has a posterior here (observed, or set from the store)."""
+        return (version_id, context) in self._states
+
+    def replace(self, version_id: int, context: str, old: float, new: float,
+                steps: float) -> tuple[TrustState, TrustState]:
+        """A changed verdict: the observation made ``steps`` updates ago had reward ``old``, now
+        ``new`` (:func:`replace_reward` with weight γ^steps). The count is unchanged (it is
+        the same observation). Returns (before, after)."""
+        before = self.get(version_id, context)
+        w = self.gamma ** max(0.0, float(steps))
+        a, b = replace_reward(before.alpha, before.beta, old, new, w, self.prior)
+        after = TrustState(a, b, before.count)
         self._states[(version_id, context)] = after
         return before, after
 

@@ -15,7 +15,10 @@ How the numbers are obtained (``logits_all=False`` throughout, so no
   the model's own distribution) of the last-position logits,
   ``llama_get_logits_ith(ctx, -1)``, read while the generator is paused on the
   token. ``Llama.generate`` reuses the longest KV prefix; the tokens it did not
-  have to evaluate are ``cached_tokens``.
+  have to evaluate are ``cached_tokens``. Request options: ``stop`` strings join
+  the template's; ``top_logprobs`` come from the same logits row; a JSON
+  ``response_format`` is a llama.cpp grammar in the sampler chain (as
+  ``create_chat_completion`` builds it); ``cancel`` is polled after each token.
 * score(): the prompt is decoded in chunks of at most 64 tokens with logits
   requested for every position of the chunk (llama.cpp batch API), so the
   logits buffer holds at most 64 × n_vocab floats. Log-probabilities already
@@ -25,7 +28,7 @@ How the numbers are obtained (``logits_all=False`` throughout, so no
   on the quantized sensory model), and score() should not depend on history.
   The KV cache is left holding the prompt, so a generate() of the same
   messages evaluates nothing but samples at once.
-* save_state()/load_state(): the KV cells of sequence 0
+* save_state()/load_state() (:mod:`.llama_state`): the KV cells of sequence 0
   (``llama_state_seq_get_data``; no logits buffer), the token ids and the known
   token log-probabilities, behind a header naming the model identity and a
   sha256 checksum.
@@ -33,28 +36,25 @@ How the numbers are obtained (``logits_all=False`` throughout, so no
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import json
 import os
-import struct
 import time
-from array import array
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from ..config import TierConfig
-from ..errors import BackendError
+from ..errors import BackendError, GenerationCancelled
 from ..registry import sha256_file
-from .base import Generation, Message, common_prefix
+from .base import CancelCheck, Generation, Message, TokenLogprob, common_prefix
+from .llama_state import LlamaKVState
+from .options import check_options, earliest_stop, llama_grammar, log_softmax_top, trim_details
 from .threads import CoreShare
 
 SCORE_CHUNK = 64
-_MAGIC = b"DRKV1\n"
 
 
-class LlamaBackend:
+class LlamaBackend(LlamaKVState):
     """A GGUF model run in this process by llama-cpp-python.
 
     Args:
@@ -251,58 +251,88 @@ class LlamaBackend:
         """Token ids of the chat-templated prompt (see :meth:`prompt_and_stops`)."""
         return self.prompt_and_stops(messages)[0]
 
-    def _logprob_last(self, token: int) -> float:
-        """log-softmax of the last-position logits at ``token`` (natural log)."""
+    def _logprob_last(self, token: int, k: int = 0) -> tuple[float, list[tuple[int, float]]]:
+        """log-softmax of the last-position logits at ``token`` (natural log), and the ``k`` most
+        likely tokens there as ``(id, logprob)`` (:func:`~.options.log_softmax_top`)."""
         import llama_cpp
         llm = self._llm
         row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1),
-                                    shape=(llm.n_vocab(),)).astype(np.float64)
-        m = row.max()
-        return float(row[token] - m - np.log(np.exp(row - m).sum()))
+                                    shape=(llm.n_vocab(),))
+        return log_softmax_top(row, token, k)
+
+    def _detail(self, tok: int, lp: float, alts: list[tuple[int, float]]) -> TokenLogprob:
+        """A generated token as a TokenLogprob (its piece's bytes; alternatives with theirs)."""
+        def piece(t: int, logprob: float, top=()) -> TokenLogprob:
+            b = self._llm.detokenize([t])
+            return TokenLogprob(b.decode("utf-8", errors="ignore"), b, logprob, top)
+        return piece(tok, lp, tuple(piece(t, v) for t, v in alts))
 
     # ------------------------------------------------------------------ generate
 
     def generate(self, messages: list[Message], *, max_tokens: int = 320,
-                 temperature: float = 0.0, seed: int = 0) -> Generation:
+                 temperature: float = 0.0, seed: int = 0, stop: Sequence[str] | None = None,
+                 logprobs: bool = False, top_logprobs: int = 0, response_format: dict | None = None,
+                 cancel: CancelCheck | None = None) -> Generation:
         """Answer a chat as ``create_chat_completion`` would (greedy at temperature 0).
+
+        ``stop`` strings join the template's (the text ends before the earliest one);
+        ``logprobs`` gives each token's piece and log-probability, ``top_logprobs`` the most
+        likely tokens from the same logits row; a JSON ``response_format`` constrains sampling
+        with a llama.cpp grammar (llama-cpp-python's JSON grammar, or its grammar of the JSON
+        Schema), as ``create_chat_completion(response_format=...)`` does. ``cancel`` is polled
+        before the prompt is evaluated and after each sampled token.
 
         Returns:
             :class:`Generation`; ``token_logprobs`` has one natural-log probability
-            per completion token (under the model's untempered distribution);
-            ``prefill_s`` is the time to the first token (template, tokenizing and
+            per completion token (under the model's untempered distribution, before any
+            grammar); ``prefill_s`` is the time to the first token (template, tokenizing and
             prompt evaluation), ``decode_s`` the rest, in seconds.
 
         Raises:
             BackendError: prompt too long for ``n_ctx``, or llama.cpp failed.
+            OptionError: an option out of range, or a schema with no grammar.
+            GenerationCancelled: ``cancel`` returned True; the KV cache keeps what was
+                evaluated (a later call reuses its prefix).
         """
         import llama_cpp
+        opts = check_options(stop=stop, logprobs=logprobs, top_logprobs=top_logprobs,
+                             response_format=response_format)
         t0 = time.perf_counter()
         tokens, stops = self.prompt_and_stops(messages)
         llm = self._llm
+        grammar = llama_grammar(opts.response_format, llm._model.vocab)
         n_ctx = llm.n_ctx()
         if max_tokens is None or max_tokens <= 0 or max_tokens + len(tokens) >= n_ctx:
             max_tokens = n_ctx - len(tokens)
-        stop_bytes = [s.encode("utf-8") for s in stops]
+        stop_bytes = [s.encode("utf-8") for s in (*stops, *opts.stop)]
         completion: list[int] = []
         lps: list[float] = []
-        text, finish, eog, cached, t_first = None, "length", None, 0, None
+        details: list[TokenLogprob] = []
+        text, finish, eog, cached, t_first, cancelled = None, "length", None, 0, None, False
         multibyte_fix = 0
         self._evaluated = 0
+        if cancel is not None and cancel():
+            raise GenerationCancelled(prompt_tokens=len(tokens))
         try:
             llm.set_seed(seed if seed is not None else self.seed)
             gen = llm.generate(tokens, top_k=40, top_p=0.95, min_p=0.05, typical_p=1.0,
-                               temp=temperature, repeat_penalty=1.0)
+                               temp=temperature, repeat_penalty=1.0, grammar=grammar)
             for tok in gen:
                 if t_first is None:
                     t_first = time.perf_counter()
                     cached = len(tokens) - self._evaluated
-                lp = self._logprob_last(tok)
+                if cancel is not None and cancel():
+                    cancelled = True
+                    break
+                lp, alts = self._logprob_last(tok, opts.top_logprobs)
                 if llama_cpp.llama_vocab_is_eog(llm._model.vocab, tok):
                     eog, finish = (tok, lp), "stop"
                     text = llm.detokenize(completion, prev_tokens=tokens)
                     break
                 completion.append(tok)
                 lps.append(lp)
+                if opts.logprobs:
+                    details.append(self._detail(tok, lp, alts))
                 all_text = llm.detokenize(completion, prev_tokens=tokens)
                 for k, char in enumerate(all_text[-3:]):  # as Llama._create_completion
                     k = 3 - k
@@ -312,9 +342,8 @@ class LlamaBackend:
                 if multibyte_fix > 0:
                     multibyte_fix -= 1
                     continue
-                hit = [s for s in stop_bytes if s in all_text]
-                if hit:
-                    text, finish = all_text[: all_text.index(hit[0])], "stop"
+                if (cut := earliest_stop(all_text, stop_bytes)) is not None:
+                    text, finish = all_text[:cut], "stop"
                     break
                 if len(completion) >= max_tokens:
                     text = all_text
@@ -335,12 +364,16 @@ class LlamaBackend:
         if self._batched >= cached:
             self._batched = len(tokens) if evaluated >= 2 else min(self._batched, cached)
         self._batched = min(self._batched, llm.n_tokens)
+        if cancelled:
+            raise GenerationCancelled(prompt_tokens=len(tokens), completion_tokens=len(completion),
+                                      cached_tokens=max(cached, 0), seconds=t_end - t0)
         return Generation(
             text=text.decode("utf-8", errors="ignore"), prompt_tokens=len(tokens),
             completion_tokens=len(completion), token_logprobs=lps,
             prefill_s=t_first - t0, decode_s=t_end - t_first, finish_reason=finish,
             cached_tokens=max(cached, 0), model=self.identity,
-            extra={"tier": self.tier.name, "eog_logprob": eog[1] if eog else None})
+            extra={"tier": self.tier.name, "eog_logprob": eog[1] if eog else None},
+            token_details=trim_details(details, len(text)) if opts.logprobs else None)
 
     # ------------------------------------------------------------------ score
 
@@ -424,102 +457,3 @@ class LlamaBackend:
         if self._batched >= start and n - start >= 2:
             self._batched = n
         return out
-
-    # ------------------------------------------------------------------ state
-
-    def save_state(self) -> bytes:
-        """Serialise the KV cache of the current tokens.
-
-        Returns:
-            ``DRKV1`` bytes: a JSON header (identity, counts), the token ids
-            (int32), their known log-probabilities (float64), the llama.cpp
-            sequence state, and a sha256 of all of it.
-
-        Raises:
-            BackendError: llama.cpp could not copy the state.
-        """
-        import llama_cpp
-        llm = self._model()
-        toks = llm._input_ids.tolist()
-        kv = b""
-        if toks:
-            ctx = llm._ctx.ctx
-            size = llama_cpp.llama_state_seq_get_size(ctx, 0)
-            buf = (ctypes.c_uint8 * size)()
-            got = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
-            if got == 0 or got > size:
-                raise BackendError(f"tier {self.tier.name!r}: llama.cpp could not copy the KV state")
-            kv = ctypes.string_at(buf, got)
-        p = common_prefix(self._lp_tokens, toks)
-        lp = self._lp[: max(p - 1, 0)] if p else []
-        head = json.dumps({"identity": self.identity, "n_tokens": len(toks),
-                           "n_lp": len(lp), "kv_bytes": len(kv)}).encode()
-        body = (_MAGIC + struct.pack("<I", len(head)) + head + array("i", toks).tobytes()
-                + array("d", lp).tobytes() + kv)
-        return body + hashlib.sha256(body).digest()
-
-    def _parse_state(self, state: bytes, verify: bool = True) -> tuple[list[int], list[float], bytes]:
-        """(token ids, known log-probabilities, llama.cpp sequence state) of a saved state.
-
-        Raises BackendError for truncated or damaged bytes (checksum, with ``verify``)
-        or a state saved by another model.
-        """
-        name = self.tier.name
-        data = bytes(state)
-        if len(data) < len(_MAGIC) + 4 + 32 or not data.startswith(_MAGIC):
-            raise BackendError(f"tier {name!r}: not a dreamroute llama state (truncated or damaged)")
-        body, digest = data[:-32], data[-32:]
-        if verify and hashlib.sha256(body).digest() != digest:
-            raise BackendError(f"tier {name!r}: the saved state is truncated or damaged (checksum)")
-        off = len(_MAGIC)
-        (hlen,) = struct.unpack_from("<I", body, off)
-        try:
-            head = json.loads(body[off + 4: off + 4 + hlen])
-            n, n_lp, n_kv = int(head["n_tokens"]), int(head["n_lp"]), int(head["kv_bytes"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise BackendError(f"tier {name!r}: the saved state has a damaged header") from e
-        if head.get("identity") != self.identity:
-            raise BackendError(f"tier {name!r}: the state was saved by model {head.get('identity')}, "
-                               f"not {self.identity}; it cannot be restored here")
-        off += 4 + hlen
-        if len(body) != off + 4 * n + 8 * n_lp + n_kv:
-            raise BackendError(f"tier {name!r}: the saved state is truncated or damaged (length)")
-        toks = array("i", body[off: off + 4 * n]).tolist()
-        lp = array("d", body[off + 4 * n: off + 4 * n + 8 * n_lp]).tolist()
-        return toks, lp, body[off + 4 * n + 8 * n_lp:]
-
-    def state_tokens(self, state: bytes) -> list[int]:
-        """The token ids a saved state holds (header check only; :meth:`load_state` verifies
-        the checksum). Raises BackendError like :meth:`load_state`."""
-        return self._parse_state(state, verify=False)[0]
-
-    def held_tokens(self) -> list[int]:
-        """The token ids the KV cache holds now ([] before loading)."""
-        return self._llm._input_ids.tolist() if self._llm is not None else []
-
-    def load_state(self, state: bytes) -> None:
-        """Restore a :meth:`save_state` result into the KV cache.
-
-        Raises:
-            BackendError: the bytes are truncated or damaged, were saved by another
-                model (identity differs), do not fit ``n_ctx``, or llama.cpp rejects them.
-        """
-        import llama_cpp
-        name = self.tier.name
-        toks, lp, kv = self._parse_state(state)
-        n = len(toks)
-        llm = self._model()
-        if n >= llm.n_ctx():
-            raise BackendError(f"tier {name!r}: the state holds {n} tokens, more than n_ctx "
-                               f"{llm.n_ctx()}; raise n_ctx in the tier config")
-        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
-        llm.reset()
-        if kv:
-            buf = (ctypes.c_uint8 * len(kv)).from_buffer_copy(kv)
-            if llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, buf, len(kv), 0) == 0:
-                raise BackendError(f"tier {name!r}: llama.cpp rejected the saved KV state")
-        llm.input_ids[:n] = toks
-        llm.n_tokens = n
-        llm._requires_eval = True
-        self._lp_tokens, self._lp = toks[: len(lp) + 1], lp
-        self._batched = n  # states are saved settled (see settle())

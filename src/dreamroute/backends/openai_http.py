@@ -2,18 +2,41 @@
 
 from __future__ import annotations
 
+import email.utils
 import json
 import math
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import httpx
 
 from ..config import TierConfig
-from ..errors import BackendError
-from .base import Generation, Message
+from ..errors import BackendError, GenerationCancelled, OptionError
+from .base import CancelCheck, GenOptions, Generation, Message, TokenLogprob
+from .options import cancel_now, check_options, earliest_stop, trim_details
 
 _REJECTED = (400, 404, 405, 415, 422, 501)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from an HTTP ``Retry-After`` header (RFC 9110 §10.2.3): delay-seconds
+    (``"120"``; a decimal is accepted) or an HTTP-date (``"Wed, 21 Oct 2015 07:28:00 GMT"``,
+    counted from ``now``, unix seconds, default the current time; a date in the past gives 0.0).
+    None for a missing, empty or unparsable value, or a negative delay."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        secs = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None or when.tzinfo is None:
+            return None
+        return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return secs if math.isfinite(secs) and secs >= 0 else None
 
 
 def _estimate_tokens(text: str) -> int:
@@ -100,8 +123,12 @@ class OpenAIBackend:
             raise self._fail(url, e) from e
 
     def _http_error(self, url: str, r: httpx.Response) -> BackendError:
-        return BackendError(f"tier {self.tier.name!r}: {url} answered HTTP {r.status_code}: "
-                            f"{r.text[:300]}")
+        """The BackendError for an HTTP error answer: ``status`` its code, ``retry_after_s`` its
+        parsed Retry-After (seconds or an HTTP-date; None when absent)."""
+        wait = parse_retry_after(r.headers.get("retry-after"))
+        return BackendError(f"tier {self.tier.name!r}: {url} answered HTTP {r.status_code}"
+                            + (f" (Retry-After: {wait:g} s)" if wait is not None else "") + f": {r.text[:300]}",
+                            status=r.status_code, retry_after_s=wait)
 
     def load(self) -> None:
         """Nothing to load: the server holds the model."""
@@ -115,28 +142,53 @@ class OpenAIBackend:
     # ------------------------------------------------------------------ generate
 
     def generate(self, messages: list[Message], *, max_tokens: int = 320,
-                 temperature: float = 0.0, seed: int = 0) -> Generation:
+                 temperature: float = 0.0, seed: int = 0, stop: Sequence[str] | None = None,
+                 logprobs: bool = False, top_logprobs: int = 0, response_format: dict | None = None,
+                 cancel: CancelCheck | None = None) -> Generation:
         """Answer a chat on the server.
+
+        ``stop``, ``top_logprobs`` and a JSON ``response_format`` are sent upstream as OpenAI
+        names them; the text is also cut at the earliest stop string here, in case the server
+        ignores ``stop``. With ``logprobs`` the server's ``logprobs.content`` (token, logprob,
+        bytes, top_logprobs) becomes ``token_details``. ``cancel`` is polled before the call and
+        between streamed chunks; a cancelled stream is closed, which stops llama-server's and
+        vLLM's generation.
 
         Returns:
             :class:`Generation` (see the class docstring for where each field comes from).
 
         Raises:
             BackendError: the server cannot be reached, times out, answers an HTTP
-                error, or sends a malformed response.
+                error (its ``status`` and parsed ``Retry-After`` as ``retry_after_s``), or
+                sends a malformed response.
+            OptionError: an option out of range, or ``logprobs`` asked of a server that gives
+                none (``param`` ``logprobs``).
+            GenerationCancelled: ``cancel`` returned True.
         """
+        opts = check_options(stop=stop, logprobs=logprobs, top_logprobs=top_logprobs,
+                             response_format=response_format)
+        cancel_now(cancel)
         url = f"{self.base_url}/chat/completions"
         body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
                                 "temperature": temperature, "seed": seed}
+        if opts.stop:
+            body["stop"] = list(opts.stop)
+        if opts.json_mode:
+            body["response_format"] = opts.response_format
         while True:
             req = dict(body)
             if self._logprobs_ok:
                 req["logprobs"] = True
+                if opts.top_logprobs:
+                    req["top_logprobs"] = opts.top_logprobs
+            elif opts.logprobs:
+                raise OptionError(f"tier {self.tier.name!r}: the server at {self.base_url} refuses logprobs; "
+                                  "ask without logprobs or use another tier", "logprobs")
             try:
                 if self._stream_ok:
                     req.update(stream=True, stream_options={"include_usage": True})
-                    return self._stream(url, req, messages)
-                return self._plain(url, req, messages)
+                    return self._stream(url, req, messages, opts, cancel)
+                return self._plain(url, req, messages, opts)
             except _Rejected as rej:
                 if self._stream_ok:
                     self._stream_ok = False
@@ -145,11 +197,24 @@ class OpenAIBackend:
                 else:
                     raise self._http_error(url, rej.response) from None
 
-    def _stream(self, url: str, req: dict, messages: list[Message]) -> Generation:
+    @staticmethod
+    def _details(lp_content: list) -> list[TokenLogprob]:
+        """OpenAI's ``logprobs.content`` entries as TokenLogprob (bytes from the token's UTF-8
+        where the server sends none)."""
+        def one(x, top):
+            raw = x.get("bytes")
+            b = bytes(raw) if isinstance(raw, list) else str(x["token"]).encode("utf-8")
+            alts = tuple(one(t, ()) for t in x.get("top_logprobs") or ()) if top else ()
+            return TokenLogprob(str(x["token"]), b, min(0.0, float(x["logprob"])), alts)
+        return [one(x, True) for x in lp_content]
+
+    def _stream(self, url: str, req: dict, messages: list[Message], opts: GenOptions | None = None,
+                cancel: CancelCheck | None = None) -> Generation:
         t0 = time.perf_counter()
         t_first = None
         parts: list[str] = []
         lps: list[float] = []
+        details: list[TokenLogprob] = []
         saw_lps, n_chunks, finish, usage, timings = False, 0, None, None, None
         try:
             with self.client.stream("POST", url, json=req, headers=self._headers(),
@@ -167,6 +232,9 @@ class OpenAIBackend:
                     data = line[5:].strip()
                     if data == "[DONE]":
                         break
+                    if cancel is not None and cancel():  # leaving the block closes the stream
+                        raise GenerationCancelled(completion_tokens=len(lps) if saw_lps else n_chunks,
+                                                  seconds=time.perf_counter() - t0)
                     chunk = json.loads(data)
                     usage = chunk.get("usage") or usage
                     timings = chunk.get("timings") or timings
@@ -181,6 +249,8 @@ class OpenAIBackend:
                         if lp_content is not None:
                             saw_lps = True
                             lps.extend(min(0.0, float(x["logprob"])) for x in lp_content)
+                            if opts is not None and opts.logprobs:
+                                details.extend(self._details(lp_content))
                         finish = ch.get("finish_reason") or finish
         except httpx.HTTPError as e:
             raise self._fail(url, e) from e
@@ -189,9 +259,10 @@ class OpenAIBackend:
         t_end = time.perf_counter()
         t_first = t_first or t_end
         return self._result(messages, "".join(parts), lps if saw_lps else None, finish, usage,
-                            timings, t_first - t0, t_end - t_first, n_chunks)
+                            timings, t_first - t0, t_end - t_first, n_chunks,
+                            details if saw_lps else None, opts)
 
-    def _plain(self, url: str, req: dict, messages: list[Message]) -> Generation:
+    def _plain(self, url: str, req: dict, messages: list[Message], opts: GenOptions | None = None) -> Generation:
         t0 = time.perf_counter()
         r = self._post(url, req)
         wall = time.perf_counter() - t0
@@ -205,6 +276,7 @@ class OpenAIBackend:
             text = (ch.get("message") or {}).get("content") or ""
             lp_content = (ch.get("logprobs") or {}).get("content")
             lps = None if lp_content is None else [min(0.0, float(x["logprob"])) for x in lp_content]
+            details = self._details(lp_content) if lp_content is not None and opts and opts.logprobs else None
         except (ValueError, KeyError, IndexError, TypeError) as e:
             raise BackendError(f"tier {self.tier.name!r}: malformed response from {url}: {e}") from e
         timings = resp.get("timings")
@@ -212,11 +284,18 @@ class OpenAIBackend:
         if timings and "prompt_ms" in timings and "predicted_ms" in timings:
             prefill, decode = timings["prompt_ms"] / 1000.0, timings["predicted_ms"] / 1000.0
         return self._result(messages, text, lps, ch.get("finish_reason"), resp.get("usage"),
-                            timings, prefill, decode, None)
+                            timings, prefill, decode, None, details, opts)
 
     def _result(self, messages, text, lps, finish, usage, timings, prefill_s, decode_s,
-                n_chunks) -> Generation:
+                n_chunks, details=None, opts: GenOptions | None = None) -> Generation:
         extra: dict[str, Any] = {"tier": self.tier.name, "streamed": n_chunks is not None}
+        if opts is not None and opts.stop and (cut := earliest_stop(text, opts.stop)) is not None:
+            text, finish = text[:cut], "stop"  # the server ignored stop
+            if details is not None:
+                details = trim_details(details, len(text.encode("utf-8")))
+        if opts is not None and opts.logprobs and details is None:
+            raise OptionError(f"tier {self.tier.name!r}: the server at {self.base_url} sent no logprobs; "
+                              "ask without logprobs or use another tier", "logprobs")
         if usage and usage.get("prompt_tokens") is not None and usage.get("completion_tokens") is not None:
             n_prompt, n_completion = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
         else:
@@ -232,7 +311,8 @@ class OpenAIBackend:
             text=text, prompt_tokens=n_prompt, completion_tokens=n_completion, token_logprobs=lps,
             prefill_s=max(prefill_s, 0.0), decode_s=max(decode_s, 0.0),
             finish_reason="length" if finish == "length" else "stop",
-            cached_tokens=int(cached or 0), model=self.identity, extra=extra)
+            cached_tokens=int(cached or 0), model=self.identity, extra=extra,
+            token_details=details if opts is not None and opts.logprobs else None)
 
     # ------------------------------------------------------------------ score
 
@@ -261,7 +341,8 @@ class OpenAIBackend:
         holds is not visible here, so every prompt token is scored.
 
         Raises:
-            BackendError: the server does not return prompt logprobs, or cannot be reached.
+            BackendError: the server does not return prompt logprobs, cannot be reached, or
+                is overloaded (HTTP 429/503: ``status`` and ``retry_after_s`` set).
         """
         url = f"{self.base_url}/completions"
         prompt = self._prompt_for_scoring(messages)
@@ -271,6 +352,8 @@ class OpenAIBackend:
         if r.status_code in _REJECTED and r.status_code != 404:
             body["max_tokens"] = 1  # some servers need one generated token; it is cut off below
             r = self._post(url, body)
+        if r.status_code in (429, 503):  # overloaded, not incapable: the engine cools the tier
+            raise self._http_error(url, r)
         if r.status_code >= 400:
             raise BackendError(f"tier {self.tier.name!r}: server does not return prompt logprobs "
                                f"({url} answered HTTP {r.status_code}); score() needs echo+logprobs "

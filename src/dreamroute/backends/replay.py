@@ -36,9 +36,11 @@ have no prefix cache: ``cached_tokens`` is 0.
 from __future__ import annotations
 
 from collections import Counter
+from typing import Sequence
 
-from ..errors import BackendError
-from .base import Generation, Message
+from ..errors import BackendError, OptionError
+from .base import CancelCheck, Generation, Message
+from .options import cancel_now, check_options
 
 __all__ = ["ReplayBackend", "ReplayCursor", "replay_backends"]
 
@@ -132,17 +134,32 @@ class ReplayBackend:
         """Nothing to release."""
 
     def generate(self, messages: list[Message], *, max_tokens: int = 320,
-                 temperature: float = 0.0, seed: int = 0) -> Generation:
+                 temperature: float = 0.0, seed: int = 0, stop: Sequence[str] | None = None,
+                 logprobs: bool = False, top_logprobs: int = 0, response_format: dict | None = None,
+                 cancel: CancelCheck | None = None) -> Generation:
         """The selected item's recorded response of this tier.
 
         Temperature and seed are ignored (a recording has one answer);
         ``finish_reason`` is ``"length"`` when the recorded completion filled
-        ``max_tokens``.
+        ``max_tokens``. A recording was made without stop strings, per-token logprobs
+        or a JSON mode, and its token counts and grade belong to that answer, so asking
+        for any of them is refused rather than faked. ``cancel`` is checked once, before
+        answering (a replayed answer takes no time).
 
         Raises:
             BackendError: no item selected, or the last user message is not the
                 selected item's prompt.
+            OptionError: ``stop``, ``logprobs`` / ``top_logprobs`` or a JSON
+                ``response_format`` was asked (``param`` names it).
+            GenerationCancelled: ``cancel`` returned True.
         """
+        opts = check_options(stop=stop, logprobs=logprobs, top_logprobs=top_logprobs,
+                             response_format=response_format)
+        for param, asked in (("stop", opts.stop), ("logprobs", opts.logprobs), ("response_format", opts.json_mode)):
+            if asked:
+                raise OptionError(f"replay tier {self.tier!r}: a recorded answer cannot honour {param} "
+                                  "(it was recorded without it); ask without it", param)
+        cancel_now(cancel)
         item = self.cursor.item
         last = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), None)
         if last != item.prompt:

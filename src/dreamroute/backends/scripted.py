@@ -1,17 +1,29 @@
 """A deterministic backend for tests: answers from a script, counts and times from rules.
 
-Nothing sleeps and nothing is random, so router, store and metabolism tests
-can assert exact tokens, seconds and ATP.
+Nothing sleeps (unless ``realtime``) and nothing is random, so router, store and metabolism
+tests can assert exact tokens, seconds and ATP.
+
+Generation options are honoured on the script's words: ``stop`` cuts the answer before the
+earliest stop string, generating word by word as a model would; ``logprobs`` gives each word
+(with the space before it) as a token; ``top_logprobs`` lists the word first, then synthetic
+alternatives ``<alt1>``, ``<alt2>`` ... each half as likely as the one before and never more
+likely than the word (so the distribution stays below 1 and the word is the greedy choice);
+a JSON ``response_format`` cannot steer a script, so the answer is checked instead
+(:func:`~dreamroute.backends.options.json_problem`) and one that is not what it asks for
+raises BackendError.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import time
 from typing import Callable, Sequence, Union
 
 from ..errors import BackendError
-from .base import Generation, Message, common_prefix
+from .base import CancelCheck, Generation, Message, TokenLogprob, common_prefix
+from .options import cancel_now, check_options, earliest_stop, json_problem, trim_details
 
 Script = Union[Callable[[list[Message]], str], dict[str, str], Sequence[str]]
 LogprobRule = Union[float, Callable[[str, int], float]]
@@ -53,6 +65,9 @@ class ScriptedBackend:
         logprob: natural-log probability of each generated token (``<= 0``), or
             a function ``(token, index) -> float``.
         default: the answer when a dict script has no entry (``None``: raise).
+        realtime: really take the seconds charged (sleep the prefill, then each token's
+            decode time), polling the cancel check between tokens: a slow backend for
+            cancellation and concurrency tests.
 
     Attributes:
         calls: the messages of every generate() call, in order.
@@ -65,7 +80,7 @@ class ScriptedBackend:
 
     def __init__(self, identity: str, script: Script, *, prefill_s_per_token: float = 0.001,
                  decode_s_per_token: float = 0.01, logprob: LogprobRule = -0.1,
-                 default: str | None = None):
+                 default: str | None = None, realtime: bool = False):
         if not callable(script) and not isinstance(script, (dict, list, tuple)):
             raise TypeError("script must be a function of the messages, a dict or a list of answers")
         if not callable(logprob) and logprob > 0:
@@ -78,6 +93,7 @@ class ScriptedBackend:
         self.decode_s_per_token = float(decode_s_per_token)
         self.logprob = logprob
         self.default = default
+        self.realtime = bool(realtime)
         self.calls: list[list[Message]] = []
         self.load_s = 0.0
         self._next = 0
@@ -122,29 +138,78 @@ class ScriptedBackend:
         self._history = []
 
     def generate(self, messages: list[Message], *, max_tokens: int = 320,
-                 temperature: float = 0.0, seed: int = 0) -> Generation:
+                 temperature: float = 0.0, seed: int = 0, stop: Sequence[str] | None = None,
+                 logprobs: bool = False, top_logprobs: int = 0, response_format: dict | None = None,
+                 cancel: CancelCheck | None = None) -> Generation:
         """Answer from the script (temperature and seed are ignored: always deterministic).
 
-        The answer is cut to ``max_tokens`` whitespace tokens (``finish_reason``
-        ``"length"``). Seconds are per-token rates × counts.
+        The answer is generated word by word: cut to ``max_tokens`` whitespace tokens
+        (``finish_reason`` ``"length"``), or before the earliest ``stop`` string once the words
+        so far contain one (``"stop"``; the word that completed it counts as generated).
+        Seconds are per-token rates × counts (slept too with ``realtime``). Options are
+        honoured as the module docstring says.
 
         Raises:
-            BackendError: the script has no answer, or the logprob rule gives a value > 0.
+            BackendError: the script has no answer, the logprob rule gives a value > 0, or the
+                answer is not what a JSON ``response_format`` asks for.
+            OptionError: an option out of range (:func:`~dreamroute.backends.options.check_options`).
+            GenerationCancelled: ``cancel`` returned True (before the call, or between words).
         """
-        self.calls.append([dict(m) for m in messages])
+        opts = check_options(stop=stop, logprobs=logprobs, top_logprobs=top_logprobs,
+                             response_format=response_format)
+        t0 = time.perf_counter()
         prompt = prompt_tokens(messages)
-        words = whitespace_tokens(self._answer(messages))
-        finish = "stop"
-        if max_tokens is not None and 0 < max_tokens < len(words):
-            words, finish = words[:max_tokens], "length"
         cached = common_prefix(self._history, prompt)
-        lps = [self._token_logprob(w, i) for i, w in enumerate(words)]
+        cancel_now(cancel, prompt_tokens=len(prompt), cached_tokens=cached)
+        self.calls.append([dict(m) for m in messages])
+        answer = self._answer(messages)
+        if self.realtime:
+            time.sleep((len(prompt) - cached) * self.prefill_s_per_token)
+        words, lps, finish, text = [], [], "stop", None
+        limit = max_tokens if max_tokens is not None and max_tokens > 0 else None
+        for w in whitespace_tokens(answer):
+            if limit is not None and len(words) >= limit:
+                finish = "length"
+                break
+            cancel_now(cancel, prompt_tokens=len(prompt), completion_tokens=len(words), cached_tokens=cached,
+                       seconds=time.perf_counter() - t0)
+            if self.realtime:
+                time.sleep(self.decode_s_per_token)
+            words.append(w)
+            lps.append(self._token_logprob(w, len(lps)))
+            if opts.stop and (cut := earliest_stop(" ".join(words), opts.stop)) is not None:
+                text = " ".join(words)[:cut]
+                break
+        full = " ".join(words)
+        text = full if text is None else text
+        if (problem := json_problem(text, opts.response_format)) is not None:
+            raise BackendError(f"scripted backend {self.identity!r}: its scripted answer is {problem}, not what "
+                               f"response_format {opts.response_format.get('type')!r} asks for (a script cannot "
+                               "be constrained; script a JSON answer)")
+        details = None
+        if opts.logprobs:
+            details = trim_details([self._detail(w, i, lp, opts.top_logprobs) for i, (w, lp)
+                                    in enumerate(zip(words, lps))], len(text.encode("utf-8")))
         self._history = prompt + words
         return Generation(
-            text=" ".join(words), prompt_tokens=len(prompt), completion_tokens=len(words),
+            text=text, prompt_tokens=len(prompt), completion_tokens=len(words),
             token_logprobs=lps, prefill_s=(len(prompt) - cached) * self.prefill_s_per_token,
             decode_s=len(words) * self.decode_s_per_token, finish_reason=finish,
-            cached_tokens=cached, model=self.identity)
+            cached_tokens=cached, model=self.identity, token_details=details)
+
+    @staticmethod
+    def _detail(word: str, index: int, lp: float, k: int) -> TokenLogprob:
+        """A word as a token (with the space before it, so the tokens join to the text) and,
+        with ``k``, the word plus ``k - 1`` synthetic alternatives (see the module docstring)."""
+        tok = word if index == 0 else " " + word
+        top: tuple[TokenLogprob, ...] = ()
+        if k:
+            p = math.exp(lp)
+            share = min(p, 1.0 - p)
+            alts = [TokenLogprob(f"<alt{j}>", f"<alt{j}>".encode(), max(math.log(share * 0.5 ** j), -9999.0)
+                                 if share > 0 else -9999.0) for j in range(1, k)]
+            top = (TokenLogprob(tok, tok.encode("utf-8"), lp), *alts)
+        return TokenLogprob(tok, tok.encode("utf-8"), lp, top)
 
     def score(self, messages: list[Message], *, new_only: bool = False) -> list[float]:
         """Per-token log-probabilities of the prompt after its first token, by

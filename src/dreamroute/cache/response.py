@@ -2,13 +2,26 @@
 
 An exact repeat of a conversation whose answer has a witnessed success on
 record (ground truth, user feedback, an agreeing audit) is answered from here,
-before the router, at no model cost. The key is the whole message list after
-normalisation (:func:`normalise_messages`): roles and contents, Unicode NFC,
-whitespace runs collapsed, ends stripped. Case is kept ("Is 7 prime?" and "is
-7 Prime?" may well be one question, but "US" and "us" are not), and nothing
-else is forgiven: a negated, reordered or reworded question, another system
-prompt or another earlier turn is another key, so the cache never serves a
-different question.
+before the router, at no model cost. The key (:func:`fastpath_key`) is the
+whole message list exactly as the models receive it: each message's role and
+content, in order, nothing normalised. Two requests share an answer only when
+they cannot have different ones, and anything a model reads can change its
+answer: whitespace inside content carries meaning (code, tables, verse: "a  b"
+is not "a b"), so does leading and trailing whitespace, and so does the
+Unicode form (an NFC and an NFD "é" are different bytes, tokenised differently
+by a byte-level BPE tokenizer such as SmolLM2's or Qwen's, which llama.cpp does
+not normalise). Case is kept, and a negated, reordered or reworded question,
+another system prompt or another earlier turn is another key. What is ignored
+never reaches a model: message fields other than ``role`` and ``content`` (the
+server passes only those; it also joins a content list of text parts and reads
+``developer`` as ``system`` before the key is taken). Keys stored before
+migration 9 were taken with whitespace collapsed; they were moved to
+``experiences.messages_hash_v1`` and are never looked up.
+
+:func:`messages_key` (whitespace and Unicode form normalised) is the server's
+conversation key for deriving conversation ids, where a lenient match costs
+nothing (a KV state is reused only when its tokens match); it is not the fast
+path's.
 
 A failure on record for the cached answer (feedback, a later grade of the same
 answer) removes it. The cache is rebuilt from the store at start
@@ -40,9 +53,22 @@ def normalise_messages(messages: list[Message]) -> list[tuple[str, str]]:
 
 
 def messages_key(messages: list[Message]) -> str:
-    """sha256 hex of the normalised message list: the fast path's (and the store's
-    ``experiences.messages_hash``) key of a whole conversation."""
+    """sha256 hex of the normalised message list (:func:`normalise_messages`): the key the
+    server derives conversation ids from. Not the fast path's key (:func:`fastpath_key`)."""
     blob = json.dumps(normalise_messages(messages), ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def fastpath_key(messages: list[Message]) -> str:
+    """The fast path's (and the store's ``experiences.messages_hash``) key of a whole
+    conversation: sha256 hex (64 chars) of the JSON list ``[[role, content], ...]`` with
+    each content exactly as given (a missing role is ``user``, a missing or None content
+    ``""``, as the backends read them; nothing else normalised). JSON quoting keeps the
+    encoding injective: two message lists share a key only when every role and content
+    is equal (or sha256 collides)."""
+    items = [[str(m.get("role", "user")), m.get("content") or ""] for m in messages]
+    items = [[r, c if isinstance(c, str) else str(c)] for r, c in items]
+    blob = json.dumps(items, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
@@ -51,7 +77,7 @@ class CachedAnswer:
     """An answer the fast path may serve.
 
     Attributes:
-        key: :func:`messages_key` of the conversation it answers.
+        key: :func:`fastpath_key` of the conversation it answers.
         request_id: the request that produced it (feedback on a hit goes to it).
         experience_id: its stored experience.
         text: the answer.
@@ -100,12 +126,12 @@ class ResponseCache:
         """The cached answer of exactly this conversation, or None.
 
         Args:
-            messages: the request's chat (normalised here).
+            messages: the request's chat (keyed exactly, :func:`fastpath_key`).
             max_tokens: the request's generation limit: an answer longer than it (in its own
                 completion tokens) is a miss rather than a cut answer.
             tier: a forced tier (``model: TIER``): only that tier's answer is served.
         """
-        key = messages_key(messages)
+        key = fastpath_key(messages)
         with self._lock:
             hit = self._entries.get(key)
             if hit is None:

@@ -3,6 +3,12 @@
 * :func:`encode_example` turns a chat + teacher response into token ids whose
   labels cover only the response (prompt masked with -100), with the teacher's
   top-k logprobs aligned to the response tokens where given.
+* :func:`response_ids` and :func:`end_of_turn_id` tokenize an answer exactly as the
+  teacher labels (``dreamroute.dream.labels``, llama.cpp) do: the text read literally
+  (``<|im_end|>`` written inside an answer is text, not the special token), no BOS,
+  then the token the chat template closes an assistant turn with. Labels carry the
+  ids they were computed on; an example whose ids differ gets no KL term, never a
+  misaligned one.
 * :func:`distill_loss` is cross-entropy on response tokens plus a forward-KL
   term on the teacher's top-k logprobs where they exist.
 * :func:`collate` pads a batch; :func:`eval_loss` is the mean loss of a model on encoded examples.
@@ -42,16 +48,47 @@ class Example:
             EOS is allowed): a list of ``{token_id: logprob}`` dicts, or a pair of
             arrays ``(ids [n, k], logprobs [n, k])``. Logprobs in nats.
         key: identity of the example (e.g. the experience id), used in digests and logs.
+        teacher_tokens: the token ids the teacher's rows were computed on, one per row
+            (the answer, then its end-of-turn token), as the labels record them; when
+            given, they must equal the student's ids or the KL term is dropped.
     """
 
     messages: list[dict[str, str]]
     response: str
     teacher_topk: TeacherTopK | None = None
     key: str = ""
+    teacher_tokens: Sequence[int] | None = None
+
+
+PROBE = "\u27e6dreamroute end-of-turn probe\u27e7"
+"""An assistant message whose rendering shows what the chat template writes after an answer."""
 
 
 def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def response_ids(tokenizer, text: str) -> list[int]:
+    """An answer's token ids as the teacher labels tokenize it (llama.cpp, ``special=False``):
+    the text read literally, so special-token text inside it is not a special token; no BOS."""
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token that follows an assistant answer: the first token the chat template writes after
+    an assistant message's content when it is a special token (ChatML's ``<|im_end|>``, Llama 3's
+    ``<|eot_id|>``), else EOS. The teacher labels use the same rule (``labels.end_of_turn``)."""
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant",
+                                              "content": PROBE}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that refuses this chat: fall back to EOS
+        text = ""
+    at = text.find(PROBE) if isinstance(text, str) else -1
+    if at >= 0:
+        after = _ids(tokenizer, text[at + len(PROBE):])
+        if after and after[0] in set(tokenizer.all_special_ids):
+            return int(after[0])
+    return int(tokenizer.eos_token_id)
 
 
 def _teacher_rows(topk: TeacherTopK, k: int) -> list[list[tuple[int, float]]]:
@@ -68,16 +105,19 @@ def encode_example(tokenizer, example: Example, max_seq_len: int, *, top_k: int 
     """Tokenise one example for training with the prompt masked.
 
     The prompt is ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)``;
-    the response tokens and EOS follow. Too long: prompt tokens are dropped from the
-    left; the response is never cut.
+    the response tokens (:func:`response_ids`) and the end-of-turn token
+    (:func:`end_of_turn_id`, "EOS" below) follow. Too long: prompt tokens are dropped from
+    the left; the response is never cut.
 
     Returns:
         dict with 1-D LongTensors ``input_ids``, ``labels`` (-100 on every prompt token,
         the token id on response tokens and EOS) and ``attention_mask`` (all ones), each
         of length T ≤ max_seq_len; ints ``n_prompt_tokens`` (kept), ``n_response_tokens``
-        (with EOS), ``prompt_truncated`` (tokens dropped); ``kd`` ("none", "aligned" or
+        (with EOS), ``prompt_truncated`` (tokens dropped); ``kd`` ("none", "aligned",
         "length_mismatch": teacher data whose length fits neither the response tokens nor
-        them + EOS is dropped); with aligned teacher data also ``teacher_topk_ids``
+        them + EOS is dropped, or "token_mismatch": ``example.teacher_tokens`` differ from
+        the student's ids, so the rows describe other tokens and are dropped); with aligned
+        teacher data also ``teacher_topk_ids``
         (LongTensor [T, k]) and ``teacher_topk_logprobs`` (float [T, k], -inf where
         there is no teacher entry), row t describing the teacher's distribution for the
         token at position t (aligned with ``labels``).
@@ -93,8 +133,8 @@ def encode_example(tokenizer, example: Example, max_seq_len: int, *, top_k: int 
                             "(a Jinja string) or load the tokenizer from the tier's GGUF.")
     text = tokenizer.apply_chat_template(list(example.messages), tokenize=False, add_generation_prompt=True)
     prompt = _ids(tokenizer, text)
-    text_ids = _ids(tokenizer, example.response)
-    response = text_ids + [tokenizer.eos_token_id]
+    text_ids = response_ids(tokenizer, example.response)
+    response = text_ids + [end_of_turn_id(tokenizer)]
     if len(response) > max_seq_len - 1:
         raise TrainingError(
             f"example {example.key or '(no key)'}: the response alone has {len(response)} tokens with EOS, "
@@ -114,6 +154,8 @@ def encode_example(tokenizer, example: Example, max_seq_len: int, *, top_k: int 
         rows = _teacher_rows(example.teacher_topk, top_k)
         if len(rows) not in (len(text_ids), len(response)):
             out["kd"] = "length_mismatch"
+        elif example.teacher_tokens is not None and [int(t) for t in example.teacher_tokens] != response[:len(rows)]:
+            out["kd"] = "token_mismatch"
         else:
             t_ids = torch.zeros(len(ids), top_k, dtype=torch.long)
             t_lps = torch.full((len(ids), top_k), float("-inf"))

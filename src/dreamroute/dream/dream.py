@@ -200,7 +200,7 @@ class Dreamer:
 
     def _labels(self, plan: Plan) -> dict[str, dict]:
         """Teacher top-k logprobs per training item (when the vocabularies are shared), resumable."""
-        from .labels import read_labels, shared_vocabulary, teacher_topk, write_labels
+        from .labels import label_row, read_labels, shared_vocabulary, write_labels
         path = self.workdir / "labels.jsonl"
         done = read_labels(path)
         if self.config.kl_weight > 0 and not self._done("labels"):
@@ -209,9 +209,8 @@ class Dreamer:
                 for it in plan.train:
                     if it.prompt_hash in done:
                         continue
-                    _, ids, lps = teacher_topk(t, [{"role": "user", "content": it.prompt}], it.response,
-                                               self.config.kl_top_k)
-                    row = {"key": it.prompt_hash, "ids": ids, "logprobs": lps}
+                    row = label_row(t, it.prompt_hash, [{"role": "user", "content": it.prompt}], it.response,
+                                    self.config.kl_top_k)
                     write_labels(path, [row])
                     done[it.prompt_hash] = row
                 t.close()
@@ -226,10 +225,11 @@ class Dreamer:
         model, tok = load_student(self._backend(self.student).model_path)
         examples = [Example([{"role": "user", "content": it.prompt}], it.response,
                             (labels[it.prompt_hash]["ids"], labels[it.prompt_hash]["logprobs"])
-                            if it.prompt_hash in labels else None, it.prompt_hash) for it in plan.train]
+                            if it.prompt_hash in labels else None, it.prompt_hash,
+                            labels.get(it.prompt_hash, {}).get("tokens")) for it in plan.train]
         res = train_lora(model, tok, examples, self.config, self.workdir / "train")
         self._record("train", steps=res.steps, train_wall_s=res.wall_s,
-                     final_loss=res.losses[-1] if res.losses else None)
+                     final_loss=res.losses[-1] if res.losses else None, teacher_kd=res.kd)
         return res, tok
 
     def _export(self, model, tok, plan: Plan) -> int:

@@ -8,6 +8,13 @@ the prompt (the teacher's chat template, generation prompt included) and the
 answer's tokens are decoded in chunks of 64 with logits requested only for the
 positions that predict an answer token or the end-of-turn token after it, and
 the top k of each row's log-softmax are kept.
+
+The answer is tokenized literally (``special=False``: special-token text inside an
+answer is text), without BOS, and closed by the token the teacher's chat template
+writes after an assistant message (:func:`end_of_turn`); the training examples
+(:func:`dreamroute.dream.data.response_ids`, :func:`~dreamroute.dream.data.end_of_turn_id`)
+use the same rule, and :func:`label_row` records these ids, so a training example whose
+student ids differ gets no KL term rather than a misaligned one.
 """
 
 from __future__ import annotations
@@ -20,6 +27,36 @@ import numpy as np
 from ..errors import BackendError
 
 CHUNK = 64
+PROBE = "\u27e6dreamroute end-of-turn probe\u27e7"  # the same probe as dreamroute.dream.data.PROBE
+
+
+def answer_tokens(llm, response: str) -> list[int]:
+    """The answer's token ids in llama.cpp: the text read literally (``special=False``), no BOS."""
+    return llm.tokenize(response.encode("utf-8"), add_bos=False, special=False)
+
+
+def _is_special(llm, token: int) -> bool:
+    """A control token: its text, read literally, is not that token (``<|im_end|>``, ``</s>``)."""
+    text = llm.detokenize([token], special=True)
+    return bool(text) and llm.tokenize(text, add_bos=False, special=False) != [token]
+
+
+def end_of_turn(backend) -> int:
+    """The token that follows an assistant answer in the teacher's chat template: the first token
+    written after an assistant message's content when it is a special token (ChatML's
+    ``<|im_end|>``), else llama.cpp's EOS; the rule of :func:`dreamroute.dream.data.end_of_turn_id`."""
+    llm = backend._model()
+    try:
+        text = backend._formatter(messages=[{"role": "user", "content": "?"},
+                                            {"role": "assistant", "content": PROBE}]).prompt
+    except Exception:  # noqa: BLE001 - a template that refuses this chat: fall back to EOS
+        text = ""
+    at = text.find(PROBE)
+    if at >= 0:
+        after = llm.tokenize(text[at + len(PROBE):].encode("utf-8"), add_bos=False, special=True)
+        if after and _is_special(llm, after[0]):
+            return int(after[0])
+    return int(llm.token_eos())
 
 
 def shared_vocabulary(a, b, probe: str = "The answer is 42. Résumé: 3/4 of 1,250 = 937.5") -> bool:
@@ -52,7 +89,7 @@ def teacher_topk(backend, messages: list[dict], response: str, k: int = 8) -> tu
 
     llm = backend._model()
     prompt = backend.prompt_tokens(messages)
-    answer = llm.tokenize(response.encode("utf-8"), add_bos=False, special=False)
+    answer = answer_tokens(llm, response)
     tokens = prompt + answer
     if len(tokens) >= llm.n_ctx():
         raise BackendError(f"tier {backend.tier.name!r}: prompt and answer have {len(tokens)} tokens, n_ctx is "
@@ -84,6 +121,14 @@ def teacher_topk(backend, messages: list[dict], response: str, k: int = 8) -> tu
     finally:
         backend.reset()
     return answer, ids, lps
+
+
+def label_row(backend, key: str, messages: list[dict], response: str, k: int = 8) -> dict:
+    """One labels-file row: ``{"key", "tokens", "ids", "logprobs"}``; ``tokens`` are the ids the
+    rows describe (the answer's, then :func:`end_of_turn`), which the training example checks
+    its own ids against. Raises BackendError as :func:`teacher_topk` does."""
+    answer, ids, lps = teacher_topk(backend, messages, response, k)
+    return {"key": key, "tokens": answer + [end_of_turn(backend)], "ids": ids, "logprobs": lps}
 
 
 def write_labels(path: Path, rows: list[dict]) -> None:

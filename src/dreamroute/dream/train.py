@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -36,8 +37,10 @@ KEEP_CHECKPOINTS = 2
 class TrainResult:
     """What :func:`train_lora` did: optimiser ``steps`` in total, training ``wall_s``
     (seconds, summed over resumed runs), per-step mean ``losses`` (and their KL parts),
-    the directory of the saved adapter, the step this call resumed from (0: fresh start)
-    and the trained peft ``model`` (``PeftModel``; the base model passed in was wrapped in place)."""
+    the directory of the saved adapter, the step this call resumed from (0: fresh start),
+    the trained peft ``model`` (``PeftModel``; the base model passed in was wrapped in place)
+    and ``kd``: examples per teacher-data status of :func:`encode_example` ("none", "aligned",
+    "length_mismatch", "token_mismatch")."""
 
     steps: int
     wall_s: float
@@ -46,6 +49,7 @@ class TrainResult:
     resumed_from: int = 0
     kl_losses: list[float] = field(default_factory=list)
     model: Any = field(default=None, repr=False)
+    kd: dict[str, int] = field(default_factory=dict)
 
 
 def _plan(n: int, cfg: DreamConfig) -> list[list[list[int]]]:
@@ -67,7 +71,10 @@ def _fingerprint(model, examples: Sequence[Example], cfg: DreamConfig) -> str:
     h.update(type(model).__name__.encode())
     for ex in examples:
         teacher = None if ex.teacher_topk is None else _teacher_rows(ex.teacher_topk, cfg.kl_top_k)
-        h.update(json.dumps([ex.key, ex.messages, ex.response, teacher]).encode())
+        record = [ex.key, ex.messages, ex.response, teacher]
+        if ex.teacher_tokens is not None:  # (absent from older label files: their digests stay as they were)
+            record.append([int(t) for t in ex.teacher_tokens])
+        h.update(json.dumps(record).encode())
     return h.hexdigest()
 
 
@@ -234,7 +241,8 @@ def train_lora(model, tokenizer, train_examples: Sequence[Example], config: Drea
     os.replace(tmp, adapter_dir)
     model.eval()
     return TrainResult(steps=total, wall_s=wall, losses=list(losses), adapter_dir=adapter_dir,
-                       resumed_from=start, kl_losses=list(kl_losses), model=inner)
+                       resumed_from=start, kl_losses=list(kl_losses), model=inner,
+                       kd=dict(Counter(e["kd"] for e in encoded)))
 
 
 def load_student(source: str | Path, *, dtype: torch.dtype = torch.float32, tokenizer_source: str | Path | None = None):

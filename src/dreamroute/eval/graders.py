@@ -7,10 +7,13 @@ One protocol, three graders:
   statement — "answer is N", "answer: N", "#### N" or "\\boxed{N}",
   case-insensitive — else the last number anywhere in the response. This is
   the rule behind ``shared/data/local_tiers/gsm8k_test_outcomes.jsonl``
-  (see its README), made tolerant of ``$``, thousands commas, units and words
+  (see its README), made tolerant of ``$``, thousands separators (``1,234``,
+  ``1 234``, ``9{,}500``, ``9\\,500``; exactly three digits per group), units and words
   after the number, a sentence-ending period, negative numbers, decimals,
   plain and LaTeX fractions. Numbers compare numerically with a tiny tolerance.
-- ``ChoiceGrader`` (names ``choice``, ``mc``): a multiple-choice letter A–J.
+- ``ChoiceGrader`` (names ``choice``, ``mc``): a multiple-choice letter A–J, stated
+  with a marker ("the answer is B", "Answer: option D"), a verb ("I'd go with (C)")
+  or the letter first ("Option C is correct"); the article "a" is not a choice.
 - ``ExactGrader`` (name ``exact``): normalised string equality.
 
 Every grader has ``extract(response) -> str | None`` (the normalised answer),
@@ -73,6 +76,12 @@ class Grader(Protocol):
 # --------------------------------------------------------------------------- numbers
 
 _MINUS = "-\u2212\u2013"  # ASCII hyphen-minus, Unicode minus, en dash
+# Thousands separators as people and LaTeX write them: "1,234", "9{,}500", "9\\,500", and
+# blanks: "1 234" (a space, no-break or thin space, "\\ "). A separator groups exactly three
+# digits after it, the same separator throughout, so "1, 2, 3" and "12 3456" are never merged;
+# a blank-grouped number must not run into a word ("5 100m" is 5 then 100).
+_SEP = r",|\{,\}|\\[,;]"
+_BLANK_SEP = r"\\ | |[\u00a0\u2007\u2009\u202f]"
 # A number token. The sign only counts when it does not follow a word character
 # or ")" (so "20-5" is 20 then 5, not 20 then -5); "$" may sit on either side of it.
 _NUM = (
@@ -80,7 +89,9 @@ _NUM = (
     r"(?:"
     r"\\d?frac\{\s*(?P<fnum>\d+)\s*\}\{\s*(?P<fden>\d+)\s*\}"  # \frac{3}{4}, \dfrac{3}{4}
     r"|(?P<num>\d+)/(?P<den>\d+)(?![\d/])"  # 3/4
-    r"|(?P<int>\d{1,3}(?:,\d{3})+(?!\d)(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"  # 1,234.50 | 18 | .5
+    r"|(?P<int>\d{1,3}(?P<sep>" + _SEP + r")\d{3}(?:(?P=sep)\d{3})*(?!\d)(?:\.\d+)?"  # 1,234.50 | 9{,}500
+    r"|\d{1,3}(?P<bsep>" + _BLANK_SEP + r")\d{3}(?:(?P=bsep)\d{3})*(?!\w|-\w)(?:\.\d+)?"  # 1 234.50
+    r"|\d+(?:\.\d+)?|\.\d+)"  # 18 | .5
     r")"
 )
 _NUM_RE = re.compile(_NUM)
@@ -106,7 +117,7 @@ def _token_value(m: re.Match[str]) -> Fraction | None:
         num, den = int(m.group("num")), int(m.group("den"))
         value = Fraction(num, den) if den else None
     else:
-        value = Fraction(m.group("int").replace(",", ""))
+        value = Fraction(re.sub(r"[^\d.]", "", m.group("int")))  # drop the thousands separators
     if value is not None and m.group("sign"):
         value = -value
     return value
@@ -199,17 +210,28 @@ class NumberGrader:
 
 _LETTERS = "A-J"
 _CHOICE_MARKER = (
-    r"(?i:(?:(?:correct|right|final|best)\s+)?(?:answer|option|choice)"
-    r"(?:\s+(?:is|would\s+be|will\s+be)|\s*:))"
+    r"(?i:(?:(?:(?:correct|right|final|best)\s+)?(?:answer|option|choice)"
+    r"(?:\s+(?:is|would\s+be|will\s+be|should\s+be|must\s+be)"
+    r"(?:\s+(?:therefore|thus|hence|clearly|probably|definitely|likely))?|\s*:)"
+    # a choice stated with a verb: "I'd go with (C)", "I choose B", "let's pick option D"
+    r"|\b(?:(?:go(?:ing)?|went)\s+with|choose|chose|pick(?:ed)?|select(?:ed)?|opt(?:ed)?\s+for))"
+    r"(?:\s+(?:option|choice|letter|answer))?)"  # "Answer: option D", "the answer is choice (B)"
 )
 # After a marker: an upper-case letter, or a lower-case one that is plainly a
 # label — "(b)", "b)", or standing alone before ".", "," or the end — so that
-# "the answer is a bit unclear" is not read as "A".
+# "the answer is a bit unclear" or "I'd go with a different approach" is not read as "A".
 _MARKED_RE = re.compile(
     _CHOICE_MARKER + r"[\s:*_(\[]*"
-    r"(?:\(?(?P<up>[" + _LETTERS + r"])(?![A-Za-z])"
+    r"(?:\(?(?P<up>[" + _LETTERS + r"])(?![A-Za-z'])"
     r"|\((?P<lo1>[a-j])\)|(?P<lo2>[a-j])(?:\)|(?=\s*(?:[.,;*]|$))))",
     re.MULTILINE,
+)
+# The letter first: "Option C is correct", "(B) is the correct answer", "**D** is right".
+_LETTER_FIRST_RE = re.compile(
+    r"(?<![\w'])\**(?:(?i:option|choice|answer)\s+)?"
+    r"(?:\((?P<p>[" + _LETTERS + r"a-j])\)|(?P<q>[" + _LETTERS + r"])(?![\w']))\**"
+    r"\s+is\s+(?:(?i:the|clearly|definitely)\s+)?"
+    r"(?i:(?:correct|right)(?:\s+(?:answer|option|choice|one))?|best\s+(?:answer|option|choice))(?![\w-])",
 )
 # Weaker evidence, used only when no marker names a letter: "**C**", "(B)",
 # "B)" or "B." starting a line, or a response that is just a letter.
@@ -225,17 +247,25 @@ _LOOSE_RE = re.compile(
 class ChoiceGrader:
     """Multiple-choice grader: the chosen letter A–J, upper-cased ("Answer: b" -> "B").
 
-    The last "answer is X" / "answer: X" / "correct option is X" wins; failing
-    that, the last loose letter ("**C**", "(B)", "B)" at a line start, a lone "D").
+    The last explicit choice wins: "answer is X" / "answer: X" / "correct option is X" /
+    "Answer: option X", a verb ("I'd go with (X)", "I choose X", "let's pick option X") or
+    the letter first ("Option X is correct", "(X) is the right answer"); a lower-case letter
+    counts only when it is plainly a label, so the article in "a good answer" is not "A".
+    Failing that, the last loose letter ("**C**", "(B)", "B)" at a line start, a lone "D").
     """
 
     name = "choice"
 
     def _marked(self, response: str) -> str | None:
-        letter = None
+        """The letter of the last explicit choice statement (marker first or letter first), or None."""
+        found: list[tuple[int, str]] = []
         for m in _MARKED_RE.finditer(response):
-            letter = (m.group("up") or m.group("lo1") or m.group("lo2")).upper()
-        return letter
+            group = "up" if m.group("up") else "lo1" if m.group("lo1") else "lo2"
+            found.append((m.start(group), m.group(group).upper()))
+        for m in _LETTER_FIRST_RE.finditer(response):
+            group = "p" if m.group("p") else "q"
+            found.append((m.start(group), m.group(group).upper()))
+        return max(found)[1] if found else None
 
     def extract(self, response: str) -> str | None:
         letter = self._marked(response)

@@ -75,6 +75,9 @@ def print_report(summary: dict, tiers: list[str], console: Console | None = None
     t.add_row("ATP per request", f"{summary['atp_per_request']:.2f} J")
     t.add_row("escalations", str(summary["escalations"]))
     t.add_row("audits", str(summary["audits"]))
+    if summary.get("failed_items"):
+        t.add_row("not answered", f"{len(summary['failed_items'])} item(s): no tier within the budget; "
+                                  "rerun to retry them")
     ov = summary["router_overhead_ms"]
     if ov["p50"] is not None:
         t.add_row("router overhead", f"p50 {ov['p50']:.2f} ms, p99 {ov['p99']:.2f} ms")

@@ -5,6 +5,15 @@ graded in the latest attempt of that key are skipped, their learning kept
 (it lives in the store). ``fresh=True`` starts a new attempt; nothing stored
 is ever deleted. Every graded item is committed before the next starts, so a
 kill loses at most the item in flight.
+
+Faults are handled as the server handles them (``settings.server.cooldown_s``): a
+failing tier is cooled and a routed item falls back to the cheapest available tier
+the budget allows. An item no tier can answer within the budget
+(:class:`~dreamroute.errors.NoTierAvailableError`) is recorded as failed (the store's
+``background_work`` kind ``unanswered``, the summary's ``failed_items``, a console
+line) and the run goes on; so are the later turns of its conversation in this
+invocation. Failed items are not graded, so a rerun retries them. A run pinned to one
+tier (``always:TIER``) stops at that tier's first failure (TierError), resumably.
 """
 
 from __future__ import annotations
@@ -14,11 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..api import DreamRoute
 from ..config import Settings
-from ..errors import ConfigError, WorkloadError
+from ..errors import ConfigError, NoTierAvailableError, WorkloadError
 from ..router.policies import make_policy
 from ..store.store import Store
 from .report import summarize_run
@@ -35,6 +45,7 @@ class RunResult:
     answered: int
     error: WorkloadError | None = None
     overhead_ms: list[float] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)  # {item, error}: items no tier could answer
 
 
 def read_items(spec: str, limit: int | None, seed: int) -> tuple[list[Item], WorkloadError | None]:
@@ -73,7 +84,8 @@ def run_workload(settings: Settings, spec: str, *, policy: str = "dreamroute", b
 
     Raises:
         WorkloadError: the file is missing or its first record is malformed.
-        ConfigError, ModelFileError, StoreError, BackendError.
+        ConfigError, ModelFileError, StoreError, BackendError (TierError: an ``always:TIER`` run's
+        tier failed; an item no tier could answer is recorded as failed instead, see the module).
     """
     console = console or Console()
     if budget is not None and not budget >= 0:
@@ -92,10 +104,11 @@ def run_workload(settings: Settings, spec: str, *, policy: str = "dreamroute", b
         run_id = store.start_run(str(spec), digest, policy_key(policy, budget), seed, budget, fresh=fresh)
         done = store.graded_items(run_id)
         dr = DreamRoute(settings, policy=policy, budget=budget, seed=seed + len(done), backends=backends,
-                        store=store, run_id=run_id)
+                        store=store, run_id=run_id, cooldown_s=settings.server.cooldown_s)
         _restore_pacing(dr, store, run_id)
         todo = [it for it in items if it.key not in done]
         overhead: list[float] = []
+        failed: list[dict] = []
         try:
             with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                           TextColumn("acc {task.fields[acc]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -103,19 +116,31 @@ def run_workload(settings: Settings, spec: str, *, policy: str = "dreamroute", b
                 task = bar.add_task(policy, total=len(todo), acc="-")
                 right = graded = 0
                 histories: dict[str, list[dict]] = {}
+                broken: set[str] = set()  # conversations with a turn not answered in this invocation
                 for it in todo:
                     conv = it.meta.get("conversation")
-                    if conv is None:
-                        ans = dr.complete(it.prompt, gold=it.answer, grader=it.grader, item_key=it.key,
-                                          max_tokens=max_tokens)
-                    else:  # a conversation turn: sent with the turns before it and their answers
-                        if conv not in histories:
-                            histories[conv] = conversation_history(store, run_id, conv)
-                        messages = histories[conv] + [{"role": "user", "content": it.prompt}]
-                        ans = dr.complete(messages, conversation_id=conv, gold=it.answer, grader=it.grader,
-                                          item_key=it.key, max_tokens=max_tokens)
-                        histories[conv] = messages + [{"role": "assistant", "content": ans.text}]
-                        dr.idle()  # between requests nothing else runs: warm handoffs go here
+                    try:
+                        if conv in broken:
+                            raise NoTierAvailableError("an earlier turn of this conversation was not answered; "
+                                                       "rerun to resume it")
+                        if conv is None:
+                            ans = dr.complete(it.prompt, gold=it.answer, grader=it.grader, item_key=it.key,
+                                              max_tokens=max_tokens)
+                        else:  # a conversation turn: sent with the turns before it and their answers
+                            if conv not in histories:
+                                histories[conv] = conversation_history(store, run_id, conv)
+                            messages = histories[conv] + [{"role": "user", "content": it.prompt}]
+                            ans = dr.complete(messages, conversation_id=conv, gold=it.answer, grader=it.grader,
+                                              item_key=it.key, max_tokens=max_tokens)
+                            histories[conv] = messages + [{"role": "assistant", "content": ans.text}]
+                            dr.idle()  # between requests nothing else runs: warm handoffs go here
+                    except NoTierAvailableError as e:  # recorded as failed (store, summary, console); go on
+                        failed.append({"item": it.key, "error": str(e)})
+                        if conv is not None:
+                            broken.add(conv)
+                        bar.update(task, advance=1)
+                        console.print(f"[red]{escape(it.key)}: not answered[/]: {escape(str(e))}", highlight=False)
+                        continue
                     overhead.append(ans.decision.overhead_ms)
                     final = ans.calls.index(ans.final)
                     if ans.outcomes[final].outcome in ("success", "failure") and it.answer is not None:
@@ -132,11 +157,11 @@ def run_workload(settings: Settings, spec: str, *, policy: str = "dreamroute", b
         store.finish_run(run_id)
         summary = run_summary(store, run_id, overhead)
         summary.update(policy=policy, budget=budget, seed=seed, workload=str(spec), digest=digest,
-                       run_id=run_id, resumed_items=len(done))
+                       run_id=run_id, resumed_items=len(done), failed_items=failed)
         if dr.kv is not None:
             summary["kv_cache"] = dict(dr.kv.counts, errors=dr.kv.errors[-5:],
                                        background_atp_joules=store.background_atp(run_id))
-        return RunResult(summary, run_id, len(done), len(todo), error, overhead)
+        return RunResult(summary, run_id, len(done), len(todo) - len(failed), error, overhead, failed)
     finally:
         store.close()
 

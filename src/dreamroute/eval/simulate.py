@@ -28,6 +28,7 @@ from ..router.policies import _Base
 from ..router.types import Outcome, Request
 from ..store.store import Store
 from . import metrics
+from .spend import spend_summary
 from .recorded import RecordedItem, RecordedSet, load_recorded, oracle_tier
 
 
@@ -69,6 +70,7 @@ class ReplayRun:
     audits: int
     escalations: int
     top_calls: int
+    trace: list = None  # one dict per request, in order (see dreamroute.eval.spend)
 
 
 def _order(rs: RecordedSet, shuffle: int | None) -> list[RecordedItem]:
@@ -101,6 +103,7 @@ def replay_once(settings: Settings, rs: RecordedSet, policy: str, *, budget: flo
     counts: dict[str, int] = {}
     calls: dict[str, int] = {}
     audits = escalations = top_calls = 0
+    trace: list[dict] = []
     task = progress.add_task(f"{policy} b={budget}", total=len(rs.items)) if progress else None
     try:
         for item in _order(rs, shuffle):
@@ -115,6 +118,10 @@ def replay_once(settings: Settings, rs: RecordedSet, policy: str, *, budget: flo
             dr.engine.learn(ans, outcomes)
             final = ans.calls.index(ans.final)
             right += outcomes[final].outcome == "success"
+            trace.append({"i": len(trace), "key": item.key, "tiers": [c.tier for c in ans.calls],
+                          "roles": [c.role for c in ans.calls], "atp_joules": ans.atp,
+                          "correct": outcomes[final].outcome == "success", "final": ans.tier,
+                          "lam": ans.decision.lam})
             counts[ans.tier] = counts.get(ans.tier, 0) + 1
             for c in ans.calls:
                 calls[c.tier] = calls.get(c.tier, 0) + 1
@@ -130,16 +137,23 @@ def replay_once(settings: Settings, rs: RecordedSet, policy: str, *, budget: flo
         if progress:
             progress.remove_task(task)
     n = len(rs.items)
-    return ReplayRun(right / n, atp, n, counts, calls, audits, escalations, top_calls)
+    return ReplayRun(right / n, atp, n, counts, calls, audits, escalations, top_calls, trace)
 
 
 def fixed_costs(rs: RecordedSet) -> dict[str, float]:
-    """Tiers whose every recorded call has the same fixed ``atp_joules`` (RouteLLM: weak 0, strong 1)."""
+    """Tiers whose cost the recording fixes: RouteLLM's (every call the same ``atp_joules``: weak 0,
+    strong 1), and tiers whose every call has an ``atp_joules`` and no token counts (the mean,
+    the estimate before the tier's first call, as ``bench``'s calibration is live; each call is
+    still charged its own recorded ATP)."""
     out = {}
     for t in rs.tiers:
-        vals = {it.calls[t].atp_joules for it in rs.items}
+        calls = [it.calls[t] for it in rs.items]
+        vals = {c.atp_joules for c in calls}
         if len(vals) == 1 and None not in vals and rs.kind == "routellm":
             out[t] = float(vals.pop())
+        elif calls and None not in vals and all(c.prompt_tokens is None and c.completion_tokens is None
+                                                for c in calls):
+            out[t] = float(np.mean([c.atp_joules for c in calls]))
     return out
 
 
@@ -171,8 +185,11 @@ def simulate(settings: Settings, recorded: str | Path, *, policy: str = "dreamro
 
     Returns the ``--json`` object: ``policy``, ``n``, ``accuracy``, ``atp_joules``,
     ``strong_fraction``, ``tier_counts``, ``audits``, ``escalations``, ``singles``
-    (each tier alone and the oracle: ``{cost_fraction, accuracy}``); with a sweep
-    also ``points``, ``apgr``, ``cpt`` and ``aiq`` (see :mod:`dreamroute.eval.metrics`).
+    (each tier alone and the oracle: ``{cost_fraction, accuracy}``), ``trace`` (the
+    first seed's run of ``policy`` at ``budget``: one object per request in order,
+    ``{i, key, tiers, roles, atp_joules, correct, final, lam}``), ``spend`` (its
+    :func:`~dreamroute.eval.spend.spend_summary`, and ``spend_seeds``: each seed's); with a
+    sweep also ``points``, ``apgr``, ``cpt`` and ``aiq`` (see :mod:`dreamroute.eval.metrics`).
     Single-policy figures are the mean over ``seeds`` seeds.
     """
     rs = recorded if isinstance(recorded, RecordedSet) else load_recorded(recorded)
@@ -201,6 +218,9 @@ def simulate(settings: Settings, recorded: str | Path, *, policy: str = "dreamro
         main = run_seeds(policy, budget, db) if policy != "oracle" else [oracle]
         result.update(_mean_summary(main, rs.tiers[-1]))
         result["budget"] = budget
+        result["trace"] = main[0].trace
+        result["spend"] = spend_summary(main[0].trace, budget)
+        result["spend_seeds"] = [spend_summary(r.trace, budget) for r in main]
         if sweep:
             n_req = len(rs.items)
             values = sweep_values(policy, sweep, singles[rs.tiers[0]].atp / n_req, top_atp / n_req)

@@ -26,8 +26,10 @@ A workload spec is one of
 
 Each file is detected as GSM8K, conversation or generic from its first valid record. Empty
 lines are skipped. A malformed line (bad JSON, a missing field, a wrong type, a
-duplicate key) raises ``WorkloadError`` naming the file, the 1-based line
-number, what is wrong and how to fix it.
+duplicate key, a byte that is not UTF-8) raises ``WorkloadError`` naming the file,
+the 1-based line number (and, for a bad byte, the 1-based column), what is wrong and
+how to fix it. Files are decoded one line at a time, so a bad byte costs only its line
+and what follows; a UTF-8 byte-order mark at the start is skipped.
 
 ``load_workload`` reads everything first, so a bad line anywhere means no
 workload at all. ``iter_items`` yields items lazily, one line at a time: a
@@ -209,12 +211,13 @@ def _file_items(path: Path) -> Iterator[Item]:
     kind: str | None = None  # "gsm8k" or "generic", fixed by the first valid record
     seen: dict[str, int] = {}
     try:
-        fh = path.open("r", encoding="utf-8")
+        fh = path.open("rb")
     except OSError as exc:
         raise WorkloadError(f"cannot read workload file {str(path)!r}: {exc}.") from exc
     with fh:
-        for index, line in enumerate(fh):
+        for index, raw in enumerate(_raw_lines(fh)):
             lineno = index + 1
+            line = _decode_line(path, lineno, raw, bom=index == 0)
             if not line.strip():
                 continue
             record = _parse_line(path, lineno, line)
@@ -236,6 +239,26 @@ def _file_items(path: Path) -> Iterator[Item]:
 
 def _fail(path: Path, lineno: int, what: str, fix: str) -> NoReturn:
     raise WorkloadError(f"{path}:{lineno}: {what}; {fix}.")
+
+
+def _raw_lines(fh) -> Iterator[bytes]:
+    """The file's lines as bytes, without their ends, split at ``\\n``, ``\\r\\n`` or ``\\r``
+    (the line ends text mode reads), one buffered line at a time."""
+    for chunk in fh:
+        yield from chunk.splitlines() or [b""]
+
+
+def _decode_line(path: Path, lineno: int, raw: bytes, *, bom: bool) -> str:
+    """One line as text; a byte that is not UTF-8 raises WorkloadError with its line and column."""
+    try:
+        return raw.decode("utf-8-sig" if bom else "utf-8")
+    except UnicodeDecodeError as exc:
+        start = exc.start
+        column = len(raw[:start].decode("utf-8", errors="replace")) + 1
+        bad = raw[start:exc.end].hex(" ")
+        _fail(path, lineno, f"column {column}: byte 0x{bad} is not UTF-8 ({exc.reason})",
+              "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`, "
+              "or re-export it from your editor as UTF-8)")
 
 
 def _parse_line(path: Path, lineno: int, line: str) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """Cooldown of failing tiers: which tiers a request may use now, and where a failed call goes.
 
 A tier whose backend failed (BackendError, a timeout) is skipped for
-``seconds``; meanwhile policies see only the available tiers (``RouteView.available``)
-and a call meant for a cooled tier goes to the next available tier up, else down.
+``seconds``, or for as long as the upstream's ``Retry-After`` asked; meanwhile it is
+not called for anything (policies see only the available tiers, ``RouteView.available``;
+surprise scoring and warm handoffs skip it), and where a call goes instead is decided
+by :mod:`dreamroute.router.faults`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ class Cooldown:
     Args:
         tiers: tier names, cheapest first.
         seconds: how long a failed tier is skipped (None: no fallback at all: a failure
-            fails the request, as in ``run``; 0: fall back but never skip).
+            fails the request, and only an upstream's Retry-After cools the tier; 0: fall
+            back but never skip).
         clock: monotonic seconds (tests pass a fake one).
     """
 
@@ -28,15 +31,27 @@ class Cooldown:
         self.seconds = seconds
         self.clock = clock
         self.until: dict[str, float] = {}
+        self.reasons: dict[str, str] = {}
 
     @property
     def enabled(self) -> bool:
         """Whether failed calls fall back to another tier."""
         return self.seconds is not None
 
-    def cool(self, tier: str) -> None:
-        """Skip ``tier`` for the next ``seconds``."""
-        self.until[tier] = self.clock() + (self.seconds or 0.0)
+    def cool(self, tier: str, seconds: float | None = None, reason: str = "") -> bool:
+        """Skip ``tier`` for ``seconds`` (an upstream's Retry-After) or, when None, for the configured
+        ``seconds`` (None there too: not at all). A later deadline is never shortened. ``reason``
+        (the backend's message) is kept for errors about the tier. Returns whether it is cooling now."""
+        s = self.seconds if seconds is None else max(0.0, float(seconds))
+        if s is None:
+            return False
+        self.until[tier] = max(self.until.get(tier, 0.0), self.clock() + s)
+        self.reasons[tier] = reason
+        return self.until[tier] > self.clock()
+
+    def cooling(self, tier: str) -> float:
+        """Seconds until ``tier`` may be called again (0.0: now)."""
+        return max(0.0, self.until.get(tier, 0.0) - self.clock())
 
     def available(self) -> list[str]:
         """Tiers not cooling down, cheapest first."""
@@ -47,11 +62,3 @@ class Cooldown:
         """Cooling tiers → seconds left."""
         now = self.clock()
         return {t: round(u - now, 3) for t, u in list(self.until.items()) if u > now}
-
-    def fallback(self, tier: str, tried: list[str], up_only: bool = False) -> str | None:
-        """The nearest available tier above ``tier`` not in ``tried``, else (unless ``up_only``)
-        the nearest below it; None when there is none."""
-        i, avail = self.tiers.index(tier), [t for t in self.available() if t not in tried]
-        above = [t for t in self.tiers[i + 1:] if t in avail]
-        below = [t for t in reversed(self.tiers[:i]) if t in avail]
-        return (above or ([] if up_only else below) or [None])[0]

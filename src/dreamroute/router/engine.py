@@ -16,12 +16,21 @@ prefilled; a surprising turn queues a warm handoff (the next tier up
 prefilled with the conversation), which :meth:`Engine.idle` runs when the
 machine has nothing else to do.
 
-Fault tolerance (``cooldown_s`` set, as the server does): a failed backend call
-(BackendError, TimeoutError) is recorded (``background_work`` kind
-``failed_call``: its seconds, no ATP), its tier cooled down
-(:class:`~dreamroute.router.cooldown.Cooldown`), and the call goes to the next
-available tier up, else down. ``Request.tier`` forces a tier (routed as
-``always:TIER``). A response cache (``responses``) is kept current here.
+Faults (:mod:`dreamroute.router.faults`): a failed backend call (BackendError,
+TimeoutError) is logged and recorded (``background_work`` kind ``failed_call``:
+its seconds, status and message, no ATP) and its tier cooled down
+(:class:`~dreamroute.router.cooldown.Cooldown`; an upstream's Retry-After sets how
+long); a cooling tier is not called for anything. ``Request.tier`` pins a tier
+(routed as ``always:TIER``): it answers or the request fails. With ``cooldown_s``
+set (the server, ``run``), a routed call falls back to the cheapest available tier
+the budget allows (in CRISIS: the highest, whatever the budget). A response cache
+(``responses``) is kept current here.
+
+``Request.options`` (stop strings, logprobs, a JSON mode) go to every call of the request;
+an answer shaped by stop strings or a JSON mode is stored without a fast-path key.
+``Request.cancel`` is polled by the backends: a GenerationCancelled (not a backend failure:
+no fallback, no cooldown) ends the request with nothing learned or stored as an answer, its
+ATP charged to the budget and recorded as ``background_work`` kind ``cancelled``.
 """
 
 from __future__ import annotations
@@ -31,14 +40,15 @@ import time
 from typing import Callable
 
 from ..backends.base import Backend
-from ..cache.response import ResponseCache, messages_key
+from ..cache.response import ResponseCache, fastpath_key
 from ..cache.reuse import ConversationKV, Prefill, Restore
-from ..errors import BackendError, RequestError, UnknownTierError
+from ..errors import BackendError, GenerationCancelled, RequestError, UnknownTierError
 from ..eval.graders import get_grader
 from ..signals import Signals, classify_context, drift, instability, novelty, snarc
 from ..store.store import TrustUpdate
 from .memory import OUTCOME_VALUE, BudgetPacer, Memory
 from .cooldown import Cooldown
+from .faults import Faults
 from .policies import AlwaysPolicy, Policy, RouteView
 from .types import Answer, Call, FailedCall, Outcome, Request
 
@@ -80,10 +90,11 @@ class Engine:
         handoff: queue warm handoffs after surprising turns (needs ``kv``).
         responses: the fast path's response cache, kept current here (None: none).
         cooldown_s: fall back from a failing backend and skip its tier this long, s
-            (None: a backend failure fails the request, as in ``run``).
+            (None: a backend failure fails the request; an upstream's Retry-After still cools it).
 
     Attributes:
         cooldown: the :class:`Cooldown` of failing tiers.
+        faults: the :class:`~dreamroute.router.faults.Faults` rules (fallback, budget, records).
         on_failure: called with each :class:`FailedCall` (the server counts them).
     """
 
@@ -107,20 +118,23 @@ class Engine:
         self.on_failure: Callable[[FailedCall], None] | None = None
         self.metabolic = None  # a MetabolicController (the server's): knobs per request, ATP spent
         self._forced: dict[str, Policy] = {}
-        self._failures: list[FailedCall] = []
+        self.faults = Faults(self)
 
     def policy_for(self, request: Request) -> Policy:
         """The engine's policy, or ``always:TIER`` for a request that forces a tier.
         Raises UnknownTierError for a forced tier the hierarchy lacks."""
-        if request.tier is None:
-            return self.policy
-        if request.tier not in self._forced:
-            self._forced[request.tier] = AlwaysPolicy(self.tiers, request.tier)
-        return self._forced[request.tier]
+        return self.policy if request.tier is None else self._always(request.tier)
+
+    def _always(self, tier: str) -> Policy:
+        if tier not in self._forced:
+            self._forced[tier] = AlwaysPolicy(self.tiers, tier)
+        return self._forced[tier]
 
     # ---- deciding and calling --------------------------------------------------------
     def _signals(self, request: Request, vec, hood, policy: Policy) -> tuple[Signals, float, float, str | None]:
         """Signals, the ATP of surprise scoring (J), its model seconds, and the tier that scored it."""
+        if request.conversation_id:  # after a restart: its serving tier and last turn, from the store
+            self.memory.recall_conversation(self.store, request.conversation_id)
         prev = self.memory.conversations.get(request.conversation_id) if request.conversation_id else None
         n = novelty(hood.sims)
         u = instability(self.memory.index.outcome[hood.rows_all]) if len(hood.rows_all) else 0.0
@@ -146,7 +160,10 @@ class Engine:
         the tier that served the conversation, after restoring its KV state, on the
         tokens not held yet (the new turn) as they are prefilled: the tier answering
         it next reuses that prefill. A backend that cannot score (a remote server
-        without prompt logprobs, a recorded source) gives None: missing, not zero.
+        without prompt logprobs, a recorded source) gives None: missing, not zero; so
+        does a tier that is cooling down (it is not called), and one that times out or
+        whose upstream refuses as overloaded (429/503, Retry-After) is cooled and its
+        failure recorded.
         """
         tier = self.tiers[0]
         conv = request.conversation_id
@@ -154,12 +171,15 @@ class Engine:
         if follow_up:
             tier = self.memory.serving.get(conv, tier)
         t0, c0 = time.perf_counter(), time.thread_time()
-        try:
-            if follow_up:
-                self._restored[tier] = self.kv.restore(tier, self.backends[tier], conv, request.messages)
-            lps = self.backends[tier].score(request.messages, new_only=follow_up)
-        except BackendError:
-            lps = None
+        lps = None
+        if self.cooldown.cooling(tier) == 0:
+            try:
+                if follow_up:
+                    self._restored[tier] = self.kv.restore(tier, self.backends[tier], conv, request.messages)
+                lps = self.backends[tier].score(request.messages, new_only=follow_up)
+            except (BackendError, TimeoutError) as e:
+                if isinstance(e, TimeoutError) or e.overloaded:
+                    self.faults.record(tier, "surprise", request, e, time.perf_counter() - t0)
         secs = time.perf_counter() - t0
         self._surprise_cpu_s = time.thread_time() - c0
         if not lps:
@@ -175,7 +195,15 @@ class Engine:
         conv = request.conversation_id if self.kv is not None else None
         if conv and tier not in self._restored:
             self._restored[tier] = self.kv.restore(tier, backend, conv, request.messages)
-        gen = backend.generate(request.messages, max_tokens=request.max_tokens)
+        kw = request.options.kwargs()
+        if request.cancel is not None:
+            kw["cancel"] = request.cancel
+        try:
+            gen = backend.generate(request.messages, max_tokens=request.max_tokens, **kw)
+        except GenerationCancelled as e:  # what the stopped call had done is charged (_cancelled)
+            e.tier = tier
+            e.atp = self.memory.costs[tier].joules(e.prompt_tokens, e.completion_tokens, e.cached_tokens)
+            raise
         settled = self.kv.save(tier, backend, conv, gen.prompt_tokens) if conv else None
         cost = self.memory.costs[tier]
         if gen.prompt_tokens or gen.completion_tokens:
@@ -192,43 +220,10 @@ class Engine:
                     self.memory.versions.get(tier))
 
     def _call_or_fall_back(self, tier: str, role: str, request: Request) -> Call | None:
-        """:meth:`_call`; with ``cooldown_s`` set, a cooled or failing tier is skipped (the failure
-        recorded, the tier cooled) for the next available tier up, else down (an escalation
-        only goes up; a failed audit is dropped: None). Raises BackendError when no tier is left
-        (without ``cooldown_s``: the first failure)."""
-        if not self.cooldown.enabled:
-            return self._call(tier, role, request)
-        tried: list[str] = []
-        last: Exception | None = None
-        while True:
-            if tier in self.cooldown.available():
-                t0 = time.perf_counter()
-                try:
-                    return self._call(tier, role, request)
-                except (BackendError, TimeoutError) as e:
-                    last = e
-                    self._fail(FailedCall(tier, role, str(e), time.perf_counter() - t0, request.request_id),
-                               request)
-            tried.append(tier)
-            if role == "audit":
-                return None
-            tier = self.cooldown.fallback(tier, tried, up_only=role == "escalated")
-            if tier is None:
-                if role == "escalated":
-                    return None
-                raise BackendError(f"no tier could answer (tried {', '.join(tried)}; cooling down: "
-                                   f"{', '.join(self.cooldown.remaining()) or 'none'})"
-                                   + (f"; last error: {last}" if last else "")) from last
-
-    def _fail(self, failed: FailedCall, request: Request) -> None:
-        """Cool the tier down, record the failed call (its seconds, no ATP) and report it."""
-        self.cooldown.cool(failed.tier)
-        self._failures.append(failed)
-        self.store.record_background("failed_call", failed.tier, 0, 0.0, failed.seconds,
-                                     model_version_id=self.memory.versions.get(failed.tier),
-                                     conversation_id=request.conversation_id, run_id=self.run_id)
-        if self.on_failure is not None:
-            self.on_failure(failed)
+        """:meth:`_call` under the fault rules (:meth:`Faults.call`): None for a dropped audit or an
+        escalation with nowhere to go. Raises TierError / TierCoolingError (a pinned tier) or
+        NoTierAvailableError (a routed request no tier can answer within the budget)."""
+        return self.faults.call(tier, role, request, self._call)
 
     def answer(self, request: Request) -> Answer:
         """Route and answer one request (no outcome is judged here).
@@ -241,15 +236,16 @@ class Engine:
             raise RequestError(f"max_tokens must be >= 1, got {request.max_tokens}")
         t0, c0 = time.perf_counter(), time.thread_time()
         self._surprise_cpu_s = 0.0
-        self._restored, self._failures = {}, []
+        self._restored = {}
+        self.faults.begin()
         policy = self.policy_for(request)
         vec = self.memory.encoder.encode(request.prompt)
         hood = self.memory.neighbourhood(vec)
         signals, surprise_atp, surprise_s, surprise_tier = self._signals(request, vec, hood, policy)
         knobs = self._knobs(request, signals)
-        if knobs is not None and knobs.force_tier is not None and request.tier is None:
-            request.tier = knobs.force_tier  # CRISIS: the top tier, whatever the budget
-            policy = self.policy_for(request)
+        crisis = knobs is not None and knobs.force_tier is not None
+        if crisis and request.tier is None:
+            policy = self._always(knobs.force_tier)  # CRISIS: the top tier, whatever the budget
         view = RouteView(signals, hood, self.memory, self.pacer,
                          sum(len(m.get("content", "")) for m in request.messages), request.prompt,
                          available=self.cooldown.available(),
@@ -259,23 +255,46 @@ class Engine:
         t1, c1 = time.perf_counter(), time.thread_time()
         decision.overhead_ms = ((t1 - t0) - surprise_s) * 1e3
         decision.overhead_cpu_ms = ((c1 - c0) - self._surprise_cpu_s) * 1e3
-        calls = [self._call_or_fall_back(decision.tier, "chosen", request)]
-        while (nxt := policy.escalate(decision, calls[-1], view)) is not None:
-            if (call := self._call_or_fall_back(nxt, "escalated", request)) is None:
-                break
-            calls.append(call)
-        final = calls[-1]
-        up = self.tiers.index(final.tier) + 1
-        if decision.audit and up < len(self.tiers) and self.pacer.allows(sum(c.atp for c in calls)):
-            if (call := self._call_or_fall_back(self.tiers[up], "audit", request)) is not None:
+        calls: list[Call] = []
+        pinned = request.tier is not None or (isinstance(policy, AlwaysPolicy) and not crisis)
+        self.faults.plan(pinned=pinned, crisis=crisis, spent=lambda: surprise_atp + sum(c.atp for c in calls),
+                         expected=lambda t: decision.expected_atp.get(t) if t in decision.expected_atp else
+                         self.memory.expected_atp(hood, t, view.prompt_chars, request.max_tokens))
+        try:
+            calls.append(self._call_or_fall_back(decision.tier, "chosen", request))
+            view.available = self.cooldown.available()  # a tier that failed meanwhile is not escalated to
+            while (nxt := policy.escalate(decision, calls[-1], view)) is not None:
+                if (call := self._call_or_fall_back(nxt, "escalated", request)) is None:
+                    break
                 calls.append(call)
+            final = calls[-1]
+            up = self.tiers.index(final.tier) + 1
+            if decision.audit and up < len(self.tiers) and self.pacer.allows(sum(c.atp for c in calls)):
+                if (call := self._call_or_fall_back(self.tiers[up], "audit", request)) is not None:
+                    calls.append(call)
+        except GenerationCancelled as e:
+            self._cancelled(e, request, surprise_atp + sum(c.atp for c in calls), decision.tier)
+            raise
         answer = Answer(request, decision, calls, surprise_atp, surprise_tier=surprise_tier,
-                        surprise_s=surprise_s, kv=dict(self._restored), failures=list(self._failures))
+                        surprise_s=surprise_s, kv=dict(self._restored), failures=list(self.faults.failures))
         if knobs is not None:
             answer.metabolic_state = knobs.state.value
             self.metabolic.on_answer(answer.atp)
-        answer._vec = vec  # kept for learn()
+        answer._vec, answer._policy = vec, policy  # kept for learn()
         return answer
+
+    def _cancelled(self, e: GenerationCancelled, request: Request, spent: float, tier: str) -> None:
+        """A request stopped by its cancel check: nothing of it is an answer (no experience, trust
+        or ledger entry), but the ATP it spent (surprise scoring, the calls that finished, the
+        stopped call's tokens so far) is charged to the budget and recorded as background work
+        of kind ``cancelled``; ``e.atp`` becomes that total, J."""
+        e.atp += spent
+        self.pacer.charge(e.atp)
+        if self.metabolic is not None:
+            self.metabolic.on_background(e.atp)
+        self.store.record_background("cancelled", e.tier or tier, e.prompt_tokens + e.completion_tokens, e.atp,
+                                     e.seconds, model_version_id=self.memory.versions.get(e.tier or tier),
+                                     conversation_id=request.conversation_id, run_id=self.run_id)
 
     def _knobs(self, request: Request, signals: Signals):
         """The metabolic controller's knobs for this request, from its pre-answer salience
@@ -315,7 +334,8 @@ class Engine:
         if len(calls) >= 2:
             conflict = 0.0 if all(_same_answer(calls[0], c) for c in calls[1:]) else 1.0
         exps, updates, pending = [], [], []
-        key = messages_key(req.messages)
+        # an answer shaped by stop strings or a JSON mode is not the plain messages' answer: never served for them
+        key = None if req.options.shapes_text else fastpath_key(req.messages)
         for i, (c, o) in enumerate(zip(answer.calls, outcomes)):
             sn = snarc(dec.signals.surprise_z, dec.signals.novelty, req.priority, o.reward, conflict,
                        self.config.snarc_weights)
@@ -337,7 +357,7 @@ class Engine:
                 before, after = self.memory.trust.observe(c.model_version_id, dec.context, o.reward)
                 updates.append(TrustUpdate(c.model_version_id, dec.context, before.alpha, before.beta,
                                            after.alpha, after.beta, after.count, [o.witness],
-                                           f"{c.role} {o.outcome}", i))
+                                           f"{c.role} {o.outcome}", i, reward=o.reward))
                 pending.append((c.model_version_id, dec.context, before))
         try:
             ids = self.store.record(exps, updates)
@@ -347,7 +367,7 @@ class Engine:
             raise
         self._remember(answer, outcomes, ids)
         self.pacer.update(answer.atp)
-        self.policy_for(req).update(dec, answer, outcomes)
+        (getattr(answer, "_policy", None) or self.policy_for(req)).update(dec, answer, outcomes)
         if self.responses is not None:
             for e, eid in zip(exps, ids):
                 self.responses.observe_row({**e, "id": eid})
@@ -398,6 +418,8 @@ class Engine:
         done = 0
         while self.kv and self.kv.pending and done < max_jobs:
             job = self.kv.pending.pop(0)
+            if self.cooldown.cooling(job.tier) > 0:
+                continue  # a cooling tier is not called, not even for a prefill (the turn pays it if needed)
             res = self.kv.run_prefill(job, self.backends[job.tier])
             done += 1
             if res is None:

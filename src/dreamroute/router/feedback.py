@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 from ..errors import FeedbackConflictError, RequestError
 from ..store.store import TrustUpdate
+from ..store.verdicts import Verdict, ledger_verdict, verdict_of
+from ..trust import TrustState
 from .memory import OUTCOME_VALUE
 from .types import Outcome
 
@@ -22,13 +24,21 @@ def feedback_update(engine: Engine, request_id: str, outcome: str | float, witne
     ledger in one transaction, and the in-memory index and response cache (a
     success makes the answer servable by the fast path, a failure removes it).
 
-    A witness does not repeat itself: the verdict a response already has from ``witness`` is
-    refused (repeating it would count one answer many times in trust); a different verdict
-    from it (a changed mind, or a fast-path hit of the answer judged otherwise) is taken.
+    One verdict per response: the response counts once in trust. Its first verdict (a grade
+    at learn time, or the first feedback) is an observation; a later, different verdict (a
+    changed mind, another witness, a fast-path hit of the answer judged otherwise) replaces
+    it: the earlier reward's contribution, as it stands now after forgetting (γ^d, d the
+    trust updates of that row since), is taken back and the new one put in its place
+    (``trust.replace_reward``), in a ledger entry of its own (reason ``feedback X replaces
+    Y by W``, delta ``replaces``). No forgetting step, no added count: any sequence of
+    verdicts leaves trust exactly as if only the last had been given, where the first was.
+    The outcome the response already holds from the same witness is refused, whatever the
+    rating (an API contract: ``feedback_exists``); to move a rating within one outcome, give
+    the other outcome first.
 
     Raises:
         RequestError: unknown request id, or an outcome that is none of the above.
-        FeedbackConflictError: the verdict this witness already gave.
+        FeedbackConflictError: the outcome this witness already gave (success or failure).
     """
     if isinstance(outcome, str):
         if outcome not in OUTCOME_VALUE:
@@ -43,13 +53,29 @@ def feedback_update(engine: Engine, request_id: str, outcome: str | float, witne
     if not rows:
         raise RequestError(f"no stored response has request id {request_id!r}; pass the id returned with the answer")
     row = rows[-1]
-    if row["witness"] == witness and row["outcome"] == label:
+    vid, ctx = row["model_version_id"], row["context"]
+    held = _held(engine, row) if vid is not None else None
+    said = (held.witness, held.outcome) if held is not None else (row["witness"], row["outcome"])
+    repeated = said == (witness, label)
+    if repeated:
         raise FeedbackConflictError(f"response {request_id!r} already has this verdict ({label}) from {witness!r}; "
                            "a repeated verdict is not counted again")
-    vid, ctx = row["model_version_id"], row["context"]
-    before, after = engine.memory.trust.observe(vid, ctx, reward)
+    book = engine.memory.trust
+    if held is not None:
+        vid, ctx = held.model_version_id, held.context
+    if vid is not None and not book.known(vid, ctx) and (stored := engine.store.get_trust(vid, ctx)) is not None:
+        book.set(vid, ctx, TrustState(stored.alpha, stored.beta, stored.count))  # e.g. a retired version's
+    if held is None:
+        before, after = book.observe(vid, ctx, reward)
+        replaces, reason = None, f"feedback {label}"
+    else:
+        steps = max(0.0, book.get(vid, ctx).count - held.slot_count)
+        before, after = book.replace(vid, ctx, held.reward, reward, steps)
+        replaces = {"reward": held.reward, "outcome": held.outcome, "witness": held.witness,
+                    "slot_count": held.slot_count, "weight": book.gamma ** steps}
+        reason = f"feedback {label} replaces {held.outcome} by {held.witness}"
     upd = TrustUpdate(vid, ctx, before.alpha, before.beta, after.alpha, after.beta, after.count, [witness],
-                      f"feedback {label}", None, experience_id=row["id"])
+                      reason, None, experience_id=row["id"], reward=reward, replaces=replaces)
     try:
         engine.store.record_outcome(row["id"], label, witness, upd)
     except Exception:
@@ -61,3 +87,13 @@ def feedback_update(engine: Engine, request_id: str, outcome: str | float, witne
     if r is not None:
         engine.memory.index.set_outcome(r, OUTCOME_VALUE[label])
     return Outcome(label, witness, reward)
+
+
+def _held(engine: Engine, row: dict) -> Verdict | None:
+    """The verdict the response ``row`` holds in trust: its ``verdicts`` row, else (judged before
+    migration 8) the one its last ledger entry made, else None (nothing in trust yet)."""
+    v = verdict_of(engine.store, row["id"])
+    if v is None and row["outcome"] in OUTCOME_VALUE:
+        book = engine.memory.trust
+        v = ledger_verdict(engine.store, row["id"], row["model_version_id"], row["context"], book.gamma, book.prior)
+    return v

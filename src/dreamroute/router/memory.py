@@ -12,13 +12,15 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
 
 from ..atp import TierCost
-from ..config import RouterConfig
+from ..config import CONTEXTS, RouterConfig
 from ..errors import ConfigError
-from ..signals import ExperienceIndex, FeatureEncoder, SurpriseStats
+from ..signals import SurpriseStats
+from ..store.conversations import last_answer
 from ..trust import TrustBook, TrustState
+from .encoder import make_encoder
+from .index import ExperienceIndex
 from .judge import AnswerJudge, answer_features
 
 CONF_BINS = 5
@@ -171,18 +173,18 @@ class BudgetPacer:
 
 @dataclass
 class Neighbourhood:
-    """The k nearest experiences of a request: overall and per tier."""
+    """The k nearest experiences of a request: overall and per tier.
+
+    Attributes:
+        sims: cosines of the stored rows the search considered (their maximum is the nearest
+            stored prompt's: novelty is 1 − max).
+        rows_all: the k nearest rows with a known outcome, any tier.
+        rows_by_tier: per tier index, its k nearest direct rows with a known outcome.
+    """
 
     sims: np.ndarray
     rows_all: np.ndarray
     rows_by_tier: list[np.ndarray]
-
-
-def _top_rows(sims: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
-    """The k rows (of ``rows``) with the largest similarity, unordered."""
-    if len(rows) <= k:
-        return rows
-    return rows[np.argpartition(-sims[rows], k - 1)[:k]]
 
 
 class Memory:
@@ -199,8 +201,8 @@ class Memory:
         self.tier_index = {t: i for i, t in enumerate(self.tiers)}
         self.config = config
         self.costs = dict(costs)
-        self.encoder = FeatureEncoder()
-        self.index = ExperienceIndex(self.encoder.n_features)
+        self.encoder = make_encoder(config.encoder)  # prompt → unit vector (router/encoder.py)
+        self.index = ExperienceIndex(self.encoder.dim, len(self.tiers), ann_min_rows=config.ann_min_rows)
         self.trust = TrustBook((config.prior_alpha, config.prior_beta), config.forgetting)
         # the same Beta posteriors over direct outcomes only (first calls and audits, decided before
         # any answer was seen): what p̂ shrinks toward (see DreamroutePolicy.estimates)
@@ -212,10 +214,10 @@ class Memory:
         self.next_judge = AnswerJudge(len(self.tiers))  # slot t: tier t+1's success given t's answer
         self._judgements: dict[int, tuple] = {}
         self.versions: dict[str, int] = {}
-        self.conversations: dict[str, sp.csr_matrix] = {}
+        self.conversations: dict[str, np.ndarray] = {}
         self.serving: dict[str, str] = {}  # conversation → the tier that answered its last turn
+        self._recalled: set[str] = set()   # conversations already looked up in the store
         self.exp_rows: dict[int, int] = {}
-        self._rows_cache = None
 
     # ---- building -------------------------------------------------------------------
     def load(self, store, versions: dict[str, int]) -> None:
@@ -263,29 +265,33 @@ class Memory:
             self.judge.fit(i)
             self.next_judge.fit(i)
 
+    def recall_conversation(self, store, conversation_id: str) -> bool:
+        """Know a conversation this memory has not seen (answered before a restart) again: the
+        tier that served its last turn (``serving``) and that turn's prompt vector
+        (``conversations``, for drift), from its last stored answer
+        (:func:`dreamroute.store.conversations.last_answer`). The store is asked once per
+        conversation; a tier this hierarchy lacks is not taken. Returns whether it is known."""
+        if conversation_id in self.serving:
+            return True
+        if conversation_id in self._recalled:
+            return False
+        self._recalled.add(conversation_id)
+        last = last_answer(store, conversation_id)
+        if last is None or last["tier"] not in self.tier_index:
+            return False
+        self.serving[conversation_id] = last["tier"]
+        self.conversations.setdefault(conversation_id, self.encoder.encode(last["prompt"]))
+        return True
+
     # ---- querying -------------------------------------------------------------------
-    def neighbourhood(self, vec: sp.csr_matrix) -> Neighbourhood:
+    def neighbourhood(self, vec: np.ndarray) -> Neighbourhood:
         """k nearest experiences with a known outcome, overall (for instability) and per tier
         (for p̂ and expected ATP; direct calls only: an escalation's outcome was observed because
-        a cheaper tier's answer looked wrong, a harder-than-typical sample of the tier)."""
-        k = self.config.k
-        sims = self.index.similarities(vec)
-        if len(sims) == 0:
-            empty = np.zeros(0, dtype=np.int64)
-            return Neighbourhood(sims, empty, [empty] * len(self.tiers))
-        known_rows, tier_rows = self._known_rows()
-        rows_all = _top_rows(sims, known_rows, k)
-        return Neighbourhood(sims, rows_all, [_top_rows(sims, r, k) for r in tier_rows])
-
-    def _known_rows(self) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Rows with a known outcome, overall and per tier; cached until the index changes."""
-        key = (len(self.index), self.index.outcome_version)
-        if self._rows_cache is None or self._rows_cache[0] != key:
-            known = ~np.isnan(self.index.outcome)
-            direct = known & self.index.direct
-            per_tier = [np.flatnonzero(direct & (self.index.tier == i)) for i in range(len(self.tiers))]
-            self._rows_cache = (key, np.flatnonzero(known), per_tier)
-        return self._rows_cache[1], self._rows_cache[2]
+        a cheaper tier's answer looked wrong, a harder-than-typical sample of the tier), from the
+        per-tier search of :class:`~dreamroute.router.index.ExperienceIndex` (exact for small
+        tiers, HNSW for large ones)."""
+        sims, rows_all, per_tier = self.index.search(vec, self.config.k)
+        return Neighbourhood(sims, rows_all, per_tier)
 
     def neighbour_counts(self, hood: Neighbourhood, tier: str) -> tuple[float, int]:
         """(successes, trials) among the tier's k nearest experiences."""
@@ -299,8 +305,10 @@ class Memory:
 
         The mean ATP charged to the tier's k nearest experiences (they answered
         similar prompts, so their lengths and costs are alike); else the tier's
-        mean; else the cost model with the estimated prompt tokens and
-        three quarters of ``max_tokens``.
+        mean; for a tier never called (a new tier), the mean ATP the other tiers were
+        charged, each scaled by the ratio of the two tiers' cost models for the same
+        call (what this tier would have cost for their answers' lengths); else the cost
+        model with the estimated prompt tokens and three quarters of ``max_tokens``.
         """
         rows = hood.rows_by_tier[self.tier_index[tier]]
         if len(rows):
@@ -308,6 +316,13 @@ class Memory:
         stats = self.tier_stats[tier]
         if stats.n:
             return stats.mean_atp()
+        scaled = []
+        for other, st in self.tier_stats.items():
+            ref = self.costs[other].joules(100, 100)
+            if other != tier and st.n and ref > 0:
+                scaled.append(st.mean_atp() * self.costs[tier].joules(100, 100) / ref)
+        if scaled:
+            return float(np.mean(scaled))
         prompt_tokens = prompt_chars * stats.tokens_per_char() + 12
         return self.costs[tier].joules(int(prompt_tokens), int(0.75 * max_tokens))
 
@@ -388,3 +403,8 @@ class Memory:
     def direct_trust_state(self, tier: str, context: str) -> TrustState:
         """Trust of the tier in the context from direct outcomes only (first calls and audits)."""
         return self.direct_trust.get(self.versions[tier], context)
+
+    def direct_count(self, tier: str) -> int:
+        """Graded direct outcomes (first calls and audits) of the tier's current version, all contexts."""
+        vid = self.versions[tier]
+        return sum(self.direct_trust.get(vid, c).count for c in CONTEXTS)

@@ -15,10 +15,13 @@ The engine runs the same loop for all of them, live or replayed.
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+from scipy import special
 
 from ..errors import ConfigError, UnknownTierError
 from .memory import BudgetPacer, Memory, Neighbourhood
@@ -169,6 +172,13 @@ class DreamroutePolicy(_Base):
     budget does not bind (no budget, or spending has stayed under it long
     enough for λ to fall to its floor), so a binding budget is spent on
     answers, not on checks.
+
+    Exploration: each tier's draw carries an uncertainty bonus
+    (:meth:`exploration_bonus`), so an untried or new tier is tried soon. Pacing:
+    each decision hands the pacer its menu (every candidate's greedy value and
+    expected ATP), from which a :class:`~dreamroute.router.pacing.SpendController`
+    solves λ; no candidate (and no escalation) whose expected ATP exceeds the
+    controller's ``headroom`` is chosen.
     """
 
     audits = True
@@ -179,17 +189,95 @@ class DreamroutePolicy(_Base):
         self.config = config
         self.quality_target = quality_target if quality_target is not None else config.quality_target
         self.name = "dreamroute"
+        window = max(1, config.drift_window)
+        self._resid: dict[str, deque] = {t: deque(maxlen=window) for t in self.tiers}
+        self._raw: dict[str, dict[str, float]] = {}  # request id → p̂ before the drift offset
+        self._offsets: dict[str, float] | None = None
+        self._clock = 0  # requests learned from
+
+    def _coupled_uniforms(self) -> np.ndarray:
+        """One uniform per tier from a Gaussian copula with correlation ρ = ``thompson_coupling``:
+        u_t = Φ(ρ z + sqrt(1 − ρ²) e_t), z and e_t standard normal."""
+        rho = self.config.thompson_coupling
+        z = self.rng.standard_normal()
+        e = self.rng.standard_normal(len(self.tiers))
+        return special.ndtr(rho * z + math.sqrt(max(0.0, 1.0 - rho * rho)) * e)
+
+    def _raw_estimates(self, view: RouteView, sample: bool) -> dict[str, float]:
+        """p̂ per tier before the drift offset: the two-level posterior's mean, or a draw.
+
+        θ_t ~ Beta(α, β) (the context's direct trust), then p_t ~ Beta(1 + s + wθ_t,
+        1 + m − s + w(1 − θ_t)). A draw takes each level's quantile at a uniform of
+        :meth:`_coupled_uniforms`: every tier's draw is exactly a draw of its own posterior,
+        but the draws of tiers are correlated (ρ), so two tiers whose posteriors agree
+        rarely swap places by noise alone (a common-random-numbers reduction of the
+        variance of their difference), while a tier with a wider posterior still draws
+        far from its mean as often as independent Thompson sampling would.
+        """
+        w = self.config.shrinkage
+        mem = view.memory
+        states = [mem.direct_trust_state(t, view.signals.context) for t in self.tiers]
+        counts = [mem.neighbour_counts(view.hood, t) for t in self.tiers]
+        if sample:
+            theta = special.betaincinv(np.array([st.alpha for st in states]), np.array([st.beta for st in states]),
+                                       self._coupled_uniforms())
+        else:
+            theta = np.array([st.mean for st in states])
+        s = np.array([c[0] for c in counts], dtype=np.float64)
+        m = np.array([c[1] for c in counts], dtype=np.float64)
+        a, b = 1.0 + s + w * theta, 1.0 + (m - s) + w * (1.0 - theta)
+        p = special.betaincinv(a, b, self._coupled_uniforms()) if sample else a / (a + b)
+        return {t: float(v) for t, v in zip(self.tiers, p)}
+
+    def drift_offsets(self) -> dict[str, float]:
+        """Per tier, how far its recent graded direct outcomes sit from the p̂ it was given.
+
+        Residuals r = outcome − p̂ (p̂ at decision time, before any offset) of the tier's
+        last ``drift_window`` direct calls; for each recent run of the last j of them
+        (j = 5, 10, 20, … up to the window) z_j = mean_j / se_j with se_j = sqrt(Σ p̂(1 − p̂)) / j,
+        the spread a calibrated p̂ would give. The run with the largest |z_j| is taken when it
+        exceeds ``drift_z``: its mean is the offset (else 0). The offset fades with the
+        requests since the tier's last residual (e^(−age / (2·window))), so a tier that is
+        no longer chosen because of it is tried again later.
+
+        The neighbours and the context trust learn a change in a tier's success slowly
+        when the prompts look as before (a batch of hard questions, a tier that got
+        worse): they remember many requests. The most recent run of residuals forgets at
+        once (sliding-window estimates: Garivier & Moulines, "On upper-confidence bound
+        policies for switching bandit problems", ALT 2011), and the z-test with the
+        change point taken where the evidence is largest keeps it silent on stationary
+        traffic (a CUSUM-like change detector, as in CUSUM-UCB: Liu, Lee & Shroff, AAAI 2018).
+        """
+        if self._offsets is not None:
+            return self._offsets
+        out = {}
+        window, z_thr = self.config.drift_window, self.config.drift_z
+        for t, d in self._resid.items():
+            out[t] = 0.0
+            if window <= 0 or z_thr <= 0 or len(d) < 5:
+                continue
+            r = np.asarray([x[:2] for x in d])[::-1]  # newest first
+            csum, cvar = np.cumsum(r[:, 0]), np.cumsum(r[:, 1])
+            best_z, best_m = 0.0, 0.0
+            j = 5
+            while j <= len(r):
+                m = csum[j - 1] / j
+                z = m / (math.sqrt(max(1e-12, cvar[j - 1])) / j)
+                if abs(z) > abs(best_z):
+                    best_z, best_m = z, m
+                j = j * 2 if j * 2 <= len(r) or j == len(r) else len(r)
+            if abs(best_z) > z_thr:
+                age = self._clock - d[-1][2]
+                out[t] = best_m * math.exp(-age / (2.0 * window))
+        self._offsets = out
+        return out
 
     def estimates(self, view: RouteView, sample: bool) -> dict[str, float]:
-        w = self.config.shrinkage
-        out = {}
-        for t in self.tiers:
-            st = view.memory.direct_trust_state(t, view.signals.context)
-            theta = st.sample(self.rng) if sample else st.mean
-            s, m = view.memory.neighbour_counts(view.hood, t)
-            a, b = 1.0 + s + w * theta, 1.0 + (m - s) + w * (1.0 - theta)
-            out[t] = float(self.rng.beta(a, b)) if sample else a / (a + b)
-        return out
+        """p̂ per tier (posterior means, or one Thompson draw with ``sample``), each moved by its
+        :meth:`drift_offsets` and kept in [0.001, 0.999]."""
+        raw = self._raw_estimates(view, sample)
+        off = self.drift_offsets()
+        return {t: min(0.999, max(0.001, p + off[t])) if off[t] else p for t, p in raw.items()}
 
     def cascade_value(self, i: int, p_t: float, p_next: float, price_next: float, view: RouteView
                       ) -> tuple[float, float] | None:
@@ -223,9 +311,53 @@ class DreamroutePolicy(_Base):
                 escalate += w * (alternative > p_b)
         return value, escalate
 
+    def exploration_bonus(self, view: RouteView) -> dict[str, float]:
+        """β·sd_t·sqrt((1 + ln(1 + N)) / (1 + n_t)) per tier: an uncertainty bonus on its draw.
+
+        sd_t is the standard deviation of p̂_t under the two-level posterior of
+        :meth:`estimates` (θ ~ the context's Beta trust, p | θ ~ Beta(1 + s + wθ,
+        1 + m − s + w(1 − θ))), by the law of total variance; n_t counts the graded
+        direct outcomes of the tier's current version (all contexts) and N those of all
+        tiers. An untried tier, a new tier or a new model version (after DREAM) carries
+        the posterior's full spread times a factor that grows with the history it has
+        missed, so it is tried soon even beside well-known tiers; a tier tried n times
+        keeps a bonus that shrinks like 1/sqrt(n) (the UCB schedule of Auer, Cesa-Bianchi
+        & Fischer 2002 on the Beta posterior's spread, as in Bayes-UCB, Kaufmann, Cappé &
+        Garivier 2012), so the draws decide once it is known. The bonus is priced like
+        any value: the budget's λ and the guard still apply. β = ``explore_bonus``.
+        """
+        beta_ = self.config.explore_bonus
+        if beta_ <= 0:
+            return {t: 0.0 for t in self.tiers}
+        w = self.config.shrinkage
+        mem = view.memory
+        counts = {t: mem.direct_count(t) for t in self.tiers}
+        total = sum(counts.values())
+        out = {}
+        for t in self.tiers:
+            st = mem.direct_trust_state(t, view.signals.context)
+            s, m = mem.neighbour_counts(view.hood, t)
+            ta, tb = st.alpha, st.beta
+            e1 = ta / (ta + tb)
+            var_t = ta * tb / ((ta + tb) ** 2 * (ta + tb + 1.0))
+            e2 = var_t + e1 * e1
+            S = 2.0 + m + w
+            c1, c2 = 1.0 + s, 1.0 + (m - s) + w
+            e_ab = c1 * c2 + w * (c2 - c1) * e1 - w * w * e2
+            var = (w / S) ** 2 * var_t + e_ab / (S * S * (S + 1.0))
+            out[t] = beta_ * math.sqrt(max(0.0, var)) * math.sqrt((1.0 + math.log1p(total)) / (1.0 + counts[t]))
+        return out
+
     def route(self, request: Request, view: RouteView) -> Decision:
-        p_hat = self.estimates(view, sample=False)
+        raw = self._raw_estimates(view, sample=False)
+        off = self.drift_offsets()
+        p_hat = {t: min(0.999, max(0.001, p + off[t])) if off[t] else p for t, p in raw.items()}
+        if len(self._raw) > 4096:  # requests answered but never learned from (failed): forget them
+            self._raw.pop(next(iter(self._raw)))
+        self._raw[request.request_id] = raw
         draw = self.estimates(view, sample=True)
+        bonus = self.exploration_bonus(view)
+        draw = {t: draw[t] + bonus[t] for t in self.tiers}
         atp = {t: view.memory.expected_atp(view.hood, t, view.prompt_chars, request.max_tokens) for t in self.tiers}
         price = {t: view.price(atp[t]) for t in self.tiers}
         target = self.quality_target
@@ -235,22 +367,32 @@ class DreamroutePolicy(_Base):
             target = max(target or 0.0, view.quality_floor)
         avail = self._available(view)
         allowed = [t for t in avail if target is None or p_hat[t] >= target] or [max(avail, key=p_hat.get)]
+        headroom = view.pacer.headroom() if hasattr(view.pacer, "headroom") else None
 
-        def best(est: dict[str, float]) -> str:
-            # candidates: each allowed tier directly, and each lower tier as the first step of a
-            # cascade; the higher value wins, then the lower expected ATP
-            cands = [(est[t] - price[t], -atp[t], t) for t in allowed]
+        def candidates(est: dict[str, float]) -> list[tuple[float, float, str, float]]:
+            # (gross value, expected ATP, tier, price): each allowed tier directly, and each lower
+            # tier as the first step of a cascade
+            out = [(est[t], atp[t], t, price[t]) for t in allowed]
             for t in allowed:
                 i = self.tiers.index(t)
                 if i + 1 < len(self.tiers) and self.tiers[i + 1] in avail:
                     nxt = self.tiers[i + 1]
                     cv = self.cascade_value(i, est[t], est[nxt], price[nxt], view)
-                    if cv is not None:
-                        cands.append((cv[0] - price[t], -(atp[t] + cv[1] * atp[nxt]), t))
-            return max(cands)[2]
+                    if cv is not None:  # cv[0] is net of the escalation's price: add it back
+                        esc = cv[1] * price[nxt] if cv[1] > 0 else 0.0
+                        out.append((cv[0] + esc, atp[t] + cv[1] * atp[nxt], t, price[t] + esc))
+            return out
 
-        tier = best(draw)
-        greedy = best(p_hat)
+        def best(cands) -> str:
+            # the guard: nothing whose expected ATP would take the running average past its cap
+            fit = [c for c in cands if headroom is None or c[1] <= headroom] or [min(cands, key=lambda c: c[1])]
+            return max(fit, key=lambda c: (c[0] - c[3], -c[1]))[2]
+
+        drawn = candidates(draw)
+        if hasattr(view.pacer, "observe"):  # the menu as this rule decides it (draws, bonus), to price it
+            view.pacer.observe([c[0] for c in drawn], [c[1] for c in drawn])
+        tier = best(drawn)
+        greedy = best(candidates(p_hat))
         n = view.signals.novelty
         p_audit = self.config.audit_base + self.config.audit_novelty * n * n
         up = self.tiers.index(tier) + 1
@@ -258,6 +400,22 @@ class DreamroutePolicy(_Base):
                      and self.tiers[up] in avail)
         return self._decision(request, view, tier, p_hat=p_hat, expected_atp=atp, audit=audit,
                               explored=tier != greedy)
+
+    def update(self, decision: Decision, answer: Answer, outcomes: list[Outcome]) -> None:
+        """Keep the residual (outcome − p̂ at decision time) of each tier's graded direct call
+        (first call, audit) for :meth:`drift_offsets`."""
+        raw = self._raw.pop(decision.request_id, None)
+        if raw is None:
+            return
+        seen = set()
+        for c, o in zip(answer.calls, outcomes):
+            if c.role == "escalated" or o.reward is None or c.tier in seen or c.tier not in raw:
+                continue
+            seen.add(c.tier)
+            p = raw[c.tier]
+            self._resid[c.tier].append((float(o.reward) - p, p * (1.0 - p), self._clock))
+        self._clock += 1
+        self._offsets = None
 
     def escalate(self, decision: Decision, call: Call, view: RouteView) -> str | None:
         nxt = self._up(call.tier, view)
@@ -267,6 +425,11 @@ class DreamroutePolicy(_Base):
                                                    decision.p_hat.get(nxt, 0.5))
         gain = p_next - p_now
         cost = decision.expected_atp.get(nxt, 0.0)
+        spent = getattr(decision, "_spent", 0.0) + call.atp  # this request's calls so far
+        decision._spent = spent
+        headroom = view.pacer.headroom() if hasattr(view.pacer, "headroom") else None
+        if headroom is not None and spent + cost > headroom:
+            return None  # the guard: the running average would pass its cap
         if gain > view.price(cost):
             return nxt
         return None

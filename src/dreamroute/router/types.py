@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from ..backends.base import Generation, Message
+from ..backends.base import CancelCheck, GenOptions, Generation, Message
 from ..signals import Signals
 
 ROLES = ("chosen", "escalated", "audit")
@@ -26,6 +26,11 @@ class Request:
         item_key: workload item this request answers, if any.
         tier: force this tier (the server's ``model: TIER``): the request is answered as
             policy ``always:TIER`` would (no escalation, no audit), whatever the engine's policy.
+        options: stop strings, logprobs, a JSON mode (:class:`~dreamroute.backends.base.GenOptions`);
+            every call made for the request (chosen, escalated, audit) is generated with them.
+        cancel: polled by the backends before each call and between tokens; True stops the
+            request with :class:`~dreamroute.errors.GenerationCancelled`, nothing of it
+            recorded as an answer (the server's: the client disconnected).
     """
 
     messages: list[Message]
@@ -36,6 +41,8 @@ class Request:
     item_key: str | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     tier: str | None = None
+    options: GenOptions = field(default_factory=GenOptions)
+    cancel: CancelCheck | None = None
 
     @classmethod
     def from_prompt(cls, prompt: str, **kw) -> "Request":
@@ -116,10 +123,14 @@ class FailedCall:
     """A call whose backend failed (BackendError or a timeout): recorded, charged no ATP.
 
     Attributes:
-        tier / role: the tier called and why (``chosen``, ``escalated``, ``audit``).
+        tier / role: the tier called and why (``chosen``, ``escalated``, ``audit``, or
+            ``surprise``: scoring the prompt, which an overloaded upstream refused).
         error: the backend's message.
         seconds: wall time the failed call took.
         request_id: the request it was made for.
+        status: the upstream HTTP status, None for a local failure or a timeout.
+        cooled_s: how long the tier is skipped after it (its Retry-After, else the
+            configured cooldown), s; 0.0 when it is not skipped.
     """
 
     tier: str
@@ -127,6 +138,13 @@ class FailedCall:
     error: str
     seconds: float
     request_id: str
+    status: int | None = None
+    cooled_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        """``{tier, role, status, message, cooled_s}``: the server's ``failed_tiers`` entry."""
+        return {"tier": self.tier, "role": self.role, "status": self.status, "message": self.error,
+                "cooled_s": round(self.cooled_s, 3)}
 
 
 @dataclass

@@ -9,7 +9,14 @@ headers ``x-dreamroute-tier``, ``x-dreamroute-context``, ``x-dreamroute-atp`` (J
 Concurrency: the DreamRoute (engine, backends, learned memory) is not thread-safe, so its work
 runs one request at a time behind one lock, in a worker thread: the event loop keeps serving
 ``/health``, ``/metrics`` and fast-path hits while a model generates. A request that waits for
-the lock longer than ``server.request_timeout_s`` is refused (503 ``server_busy``).
+the lock longer than ``server.request_timeout_s`` is refused (503 ``server_busy``). A request whose
+client disconnects (:class:`~.generation.Disconnect`, polled while it waits and while it runs) stops
+within a token (the backends poll the flag), is recorded as its ATP only, and answers 499; one
+still waiting for the lock never runs.
+
+Generation options (``stop``, ``logprobs`` / ``top_logprobs``, ``response_format``) are checked by
+the schema (:meth:`~.schema.ChatCompletionRequest.options`: 400 naming a field the tiers cannot
+honour) and given to every call of the request; a request with any of them skips the fast path.
 
 Streaming: the router may read a cheap tier's answer before it commits to it (escalation,
 audit), so a routed answer is complete before its first chunk is sent. A stream is then the
@@ -28,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -43,10 +49,11 @@ from ..api import DreamRoute
 from ..backends.base import Message
 from ..cache.response import messages_key
 from ..config import Settings
-from ..errors import BackendError
+from ..errors import BackendError, GenerationCancelled
 from ..metabolic import MetabolicController
 from .errors import APIError, install
 from .fastpath import RESPONSE_PREFIX, FastPath
+from .generation import POLL_S, Disconnect, logprobs_body, stream_pieces
 from .guard import Guard
 from .dashboard import dashboard_data, dashboard_page
 from .metabolism import Metabolism
@@ -86,12 +93,38 @@ class ServerState:
         self.answered = 0
         dr.engine.on_failure = lambda f: self.metrics.backend_failures.labels(f.tier).inc()
 
-    async def run(self, fn, *args) -> Any:
-        """``fn(*args)`` in a worker thread holding the engine lock (503 after ``request_timeout_s``)."""
+    async def run(self, fn, *args, request: bool = False, cancel: Disconnect | None = None) -> Any:
+        """``fn(*args)`` in a worker thread holding the engine lock (503 after ``request_timeout_s``).
+        ``request``: a model request, counted in flight by the metabolism from now (its wait for
+        the lock included) until it ends, answered or not: no REST or DREAM starts meanwhile, and
+        idle time counts from its end. ``cancel``: a request that is still waiting for the lock
+        when its client disconnects gives up (GenerationCancelled) without running ``fn``."""
         timeout = self.settings.server.request_timeout_s
+        ctl = self.metabolism.ctl if request and self.metabolism is not None else None
+        if ctl is not None:
+            ctl.begin_request()
+        try:
+            return await self._run(fn, args, timeout, cancel)
+        finally:
+            if ctl is not None:
+                ctl.end_request()
+
+    async def _run(self, fn, args, timeout: float, cancel: Disconnect | None = None) -> Any:
+        """``fn(*args)`` in a worker thread once it holds the engine lock (503 after ``timeout`` s;
+        GenerationCancelled when ``cancel`` is set first)."""
+        def acquire() -> bool:
+            if cancel is None:
+                return self.lock.acquire(timeout=timeout)
+            deadline = time.monotonic() + timeout
+            while not self.lock.acquire(timeout=min(POLL_S, max(deadline - time.monotonic(), 0.0))):
+                if cancel():
+                    raise GenerationCancelled("the client went away while the request waited for the engine")
+                if time.monotonic() >= deadline:
+                    return False
+            return True
 
         def work():
-            if not self.lock.acquire(timeout=timeout):
+            if not acquire():
                 raise APIError(503, f"The server stayed busy for {timeout:g} s (requests are answered one at "
                                     "a time); retry later.", code="server_busy", headers={"Retry-After": "1"})
             try:
@@ -125,9 +158,12 @@ def count_prompt_tokens(dr: DreamRoute, messages: list[Message], tier: str | Non
         return sum(len(m["content"]) + 16 for m in messages) // 4
 
 
-def _answer(st: ServerState, messages, tier, conv, priority, max_tokens):
-    """In the worker thread, under the lock: check the prompt's length, then answer."""
+def _answer(st: ServerState, messages, tier, conv, priority, max_tokens, options=None, cancel=None):
+    """In the worker thread, under the lock: refuse a named tier that is cooling down (503, nothing
+    called), check the prompt's length, then answer."""
     settings = st.settings
+    if tier is not None:
+        st.dr.engine.faults.check(tier)
     n = count_prompt_tokens(st.dr, messages, tier)
     ctx, limit = settings.context_tokens, settings.max_prompt_tokens
     if n > limit:
@@ -139,7 +175,8 @@ def _answer(st: ServerState, messages, tier, conv, priority, max_tokens):
                             f"{n + max_tokens} tokens ({n} in the messages, {max_tokens} in the completion). "
                             "Please reduce the length of the messages or completion.",
                        param="messages", code="context_length_exceeded")
-    ans = st.dr.complete(messages, conversation_id=conv, priority=priority, max_tokens=max_tokens, tier=tier)
+    ans = st.dr.complete(messages, conversation_id=conv, priority=priority, max_tokens=max_tokens, tier=tier,
+                         options=options, cancel=cancel)
     st.answered += 1
     return ans
 
@@ -160,14 +197,17 @@ def _feedback(st: ServerState, rid: str, body: FeedbackRequest) -> dict:
 
 
 def _respond(body: ChatCompletionRequest, rid: str, text: str, finish: str, usage: Usage, info: DreamrouteInfo,
-             background: BackgroundTask | None = None) -> Response:
+             background: BackgroundTask | None = None, details=None) -> Response:
+    """The chat completion (or its stream) of an answer; ``details``: its token details when
+    ``logprobs`` was asked (``choices[0].logprobs``, per chunk in a stream)."""
     cid = RESPONSE_PREFIX + rid
     headers = {"x-dreamroute-tier": info.tier, "x-dreamroute-context": info.context,
                "x-dreamroute-atp": f"{info.atp_joules:.4f}", "x-dreamroute-request-id": rid,
                "x-dreamroute-fast-path": "1" if info.fast_path else "0"}
     if not body.stream:
         out = ChatCompletion(id=cid, model=body.model, usage=usage, dreamroute=info,
-                             choices=[Choice(message=AssistantMessage(content=text), finish_reason=finish)])
+                             choices=[Choice(message=AssistantMessage(content=text), finish_reason=finish,
+                                             logprobs=logprobs_body(details))])
         return JSONResponse(out.model_dump(), headers=headers, background=background)
     created = int(time.time())
     with_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -175,8 +215,8 @@ def _respond(body: ChatCompletionRequest, rid: str, text: str, finish: str, usag
 
     async def events():
         yield _sse(chunk(cid, body.model, created, {"role": "assistant", "content": ""}, **extra))
-        for piece in re.findall(r"\S+\s*|\s+", text):
-            yield _sse(chunk(cid, body.model, created, {"content": piece}, **extra))
+        for piece, lps in stream_pieces(text, details):
+            yield _sse(chunk(cid, body.model, created, {"content": piece}, logprobs=lps, **extra))
         yield _sse(chunk(cid, body.model, created, {}, finish, dreamroute=info.model_dump(), **extra))
         if with_usage:
             yield _sse(chunk(cid, body.model, created, None, usage=usage.model_dump()))
@@ -272,7 +312,9 @@ def create_app(settings: Settings, *, dr: DreamRoute | None = None,
             raise APIError(400, f"{CONV_HEADER} must be 1 to 200 characters, got {len(header_conv)}.",
                            param=CONV_HEADER)
         conv = body.conversation_id or header_conv or derive_conversation_id(messages, body.user)
-        if st.fast.enabled and (found := st.fast.lookup(messages, max_tokens, tier)) is not None:
+        options = body.options()  # 400 naming a field the tiers cannot honour
+        # a cached answer has no logprobs and was generated without stop strings or a JSON mode
+        if options.plain and st.fast.enabled and (found := st.fast.lookup(messages, max_tokens, tier)) is not None:
             rid, hit = found
             st.metrics.hit(hit.tier, hit.context, time.perf_counter() - t0)
             info = DreamrouteInfo(request_id=rid, tier=hit.tier, context=hit.context, atp_joules=0.0,
@@ -280,7 +322,9 @@ def create_app(settings: Settings, *, dr: DreamRoute | None = None,
             usage = Usage(prompt_tokens=hit.prompt_tokens, completion_tokens=hit.completion_tokens,
                           total_tokens=hit.prompt_tokens + hit.completion_tokens)
             return _respond(body, rid, hit.text, "stop", usage, info)
-        ans = await st.run(_answer, st, messages, tier, conv, priority, max_tokens)
+        gone = Disconnect()  # set when the client disconnects: the generation stops within a token
+        ans = await gone.guard(request, lambda: st.run(_answer, st, messages, tier, conv, priority, max_tokens,
+                                                       options, gone, request=True, cancel=gone))
         st.metrics.answered(ans, "forced" if tier else "routed", time.perf_counter() - t0)
         gens = [c.generation for c in ans.calls]
         p, c = sum(g.prompt_tokens for g in gens), sum(g.completion_tokens for g in gens)
@@ -290,10 +334,10 @@ def create_app(settings: Settings, *, dr: DreamRoute | None = None,
                               atp_joules=ans.atp, kv_restored=ans.kv_restored, escalated=ans.escalated,
                               audited=ans.audited, conversation_id=conv,
                               calls=[{"tier": c.tier, "role": c.role, "atp_joules": c.atp} for c in ans.calls],
-                              failed_tiers=[f.tier for f in ans.failures], metabolic_state=ans.metabolic_state,
+                              failed_tiers=[f.to_dict() for f in ans.failures], metabolic_state=ans.metabolic_state,
                               surprise_atp_joules=ans.surprise_atp)
         return _respond(body, ans.request.request_id, ans.text, ans.final.generation.finish_reason, usage, info,
-                        BackgroundTask(st.idle))
+                        BackgroundTask(st.idle), ans.final.generation.token_details)
 
     @app.get("/v1/models")
     async def models() -> dict:

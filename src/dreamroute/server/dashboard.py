@@ -8,7 +8,11 @@ what was measured, including what happened before this server started:
   update, oldest first: ``{tier: {context: [[unix_s, trust], ...]}}``.
 * ``atp``: per request (newest ``limit``), its time and ATP (all calls, J), with
   the cumulative spend and the budget line (requests × budget) when a budget is set.
-* ``tier_mix``: answers per answering tier over those requests.
+* ``tier_mix``: answers per answering tier (the last non-audit call of a request) over
+  those requests, with every tier that has a call among them (0 for a tier that only
+  answered before an escalation or audited), cheapest tier first.
+* ``tier_calls``: per tier in ``tier_mix``, its calls among those requests by role
+  (``chosen``, ``escalated``, ``audit``).
 * ``cost_quality``: per tier, mean ATP per answer (J) and success rate among
   its graded answers (chosen and escalated calls), with the counts behind them.
 * ``metabolic``: the controller's snapshot (state, signals, transition history), or None.
@@ -70,7 +74,9 @@ def dashboard_data(store, *, budget: float | None = None, metabolic: dict | None
     requests: dict[str, dict] = {}
     graded: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     spent: dict[str, list[float]] = defaultdict(list)
+    calls: dict[str, Counter] = defaultdict(Counter)
     for r in rows:
+        calls[r["tier"]][r["role"]] += 1
         q = requests.setdefault(r["request_id"], {"t": _ts(r["created_at"]), "atp": 0.0, "tier": None})
         q["atp"] += float(r["atp_joules"] or 0.0)
         if r["role"] != "audit":
@@ -84,7 +90,10 @@ def dashboard_data(store, *, budget: float | None = None, metabolic: dict | None
         cum += q["atp"]
         points.append({"t": q["t"], "atp": round(q["atp"], 3), "cumulative": round(cum, 3),
                        "budget": round(budget * i, 3) if budget is not None else None})
-    mix = Counter(q["tier"] for q in seq if q["tier"])
+    final = Counter(q["tier"] for q in seq if q["tier"])
+    order = list(store.active_versions())  # registration order: the hierarchy, cheapest first
+    tiers = [t for t in order if t in calls] + sorted(t for t in calls if t not in order)
+    mix = {t: final.get(t, 0) for t in tiers}
     cq = {}
     for tier, costs in spent.items():
         s, f = graded[tier]
@@ -97,7 +106,7 @@ def dashboard_data(store, *, budget: float | None = None, metabolic: dict | None
                "examples": c["result"].get("examples")}
               for c in store.cycles()[:10]]
     return {"trust": {t: dict(by) for t, by in trust.items()}, "atp": points, "budget": budget,
-            "tier_mix": dict(mix), "cost_quality": cq, "metabolic": metabolic, "cycles": cycles,
+            "tier_mix": mix, "tier_calls": {t: dict(calls[t]) for t in tiers}, "cost_quality": cq, "metabolic": metabolic, "cycles": cycles,
             "requests": len(seq)}
 
 

@@ -3,6 +3,8 @@
 | cause | status | type | code |
 |---|---|---|---|
 | malformed JSON, a field that does not validate, ``max_tokens`` over the cap | 400 | invalid_request_error | null |
+| a field the tiers cannot honour (``n`` > 1, ``tools`` ...; ``param`` names it) | 400 | invalid_request_error | null |
+| the client disconnected before the answer (generation stopped; nobody reads it) | 499 | invalid_request_error | client_closed_request |
 | a prompt over the token limit | 400 | invalid_request_error | context_length_exceeded |
 | a wrong or missing bearer key | 401 | invalid_request_error | invalid_api_key |
 | an unknown model | 404 | invalid_request_error | model_not_found |
@@ -10,7 +12,9 @@
 | the same verdict on a response again (feedback) | 409 | invalid_request_error | feedback_exists |
 | an unknown path / method | 404 / 405 | invalid_request_error | null |
 | a body over ``max_request_bytes`` | 413 | invalid_request_error | request_too_large |
-| every tier's backend failed | 503 | server_error | backend_unavailable |
+| a named tier (``model: TIER``) failed (the backend's message; never answered by another tier) | 502 | server_error | tier_failed |
+| a named tier is cooling down, or its upstream answered 429/503 (``Retry-After``) | 503 | server_error | tier_unavailable |
+| a routed request: every tier failed, is cooling, or is over the budget (``Retry-After``) | 503 | server_error | backend_unavailable |
 | the engine stayed busy past ``request_timeout_s`` | 503 | server_error | server_busy |
 | anything else | 500 | server_error | null |
 
@@ -21,6 +25,7 @@ Every error is counted in ``dreamroute_errors_total{type=code or type}``.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable
 
 from fastapi import FastAPI, Request
@@ -28,7 +33,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import BackendError, DreamrouteError, FeedbackConflictError, RequestError, StoreError
+from ..errors import (BackendError, DreamrouteError, FeedbackConflictError, GenerationCancelled, NoTierAvailableError,
+                      OptionError, RequestError, StoreError, TierCoolingError, TierError)
 
 log = logging.getLogger("dreamroute.server")
 
@@ -98,8 +104,21 @@ def from_exception(exc: Exception) -> APIError:
     if isinstance(exc, FeedbackConflictError):
         return APIError(409, f"{exc} (it would count one answer many times in trust).", param="id",
                         code="feedback_exists")
+    if isinstance(exc, OptionError):
+        return APIError(400, str(exc), param=exc.param)
     if isinstance(exc, RequestError):
         return APIError(400, str(exc))
+    if isinstance(exc, GenerationCancelled):
+        return APIError(499, "The client closed the request before it was answered; its generation was "
+                             "stopped and nothing of it was recorded as an answer.", code="client_closed_request")
+    if isinstance(exc, TierError):
+        hint = " It is not answered by another tier; send model `dreamroute` to route around it."
+        wait = {"Retry-After": _seconds(exc.retry_after_s)}
+        if isinstance(exc, TierCoolingError) or exc.status in (429, 503):
+            return APIError(503, f"{exc}.{hint}", param="model", code="tier_unavailable", headers=wait)
+        return APIError(502, f"{exc}.{hint}", param="model", code="tier_failed")
+    if isinstance(exc, NoTierAvailableError):
+        return APIError(503, f"{exc}.", code="backend_unavailable", headers={"Retry-After": _seconds(exc.retry_after_s)})
     if isinstance(exc, BackendError):
         return APIError(503, f"No tier could answer: {exc}", code="backend_unavailable",
                         headers={"Retry-After": "5"})
@@ -108,6 +127,11 @@ def from_exception(exc: Exception) -> APIError:
         return APIError(500, f"The store failed; nothing of this request was kept: {exc}")
     log.exception("unexpected error", exc_info=exc)
     return APIError(500, f"Internal error: {type(exc).__name__}: {exc}")
+
+
+def _seconds(wait: float | None) -> str:
+    """A Retry-After value: whole seconds, at least 1 (1 when the wait is unknown)."""
+    return str(max(1, math.ceil(wait))) if wait is not None else "1"
 
 
 def install(app: FastAPI, count: Callable[[APIError, Request], None]) -> None:

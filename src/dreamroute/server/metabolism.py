@@ -5,10 +5,12 @@ The controller (:mod:`dreamroute.metabolic`) decides; this module does, for one 
 * every ``tick_s`` it measures the DREAM backlog (witnessed successes of the teacher tier
   since the student's last cycle) and calls ``controller.tick``;
 * ``unload``: frees the named tiers' models (``backend.close()``) under the engine lock; the
-  next request that needs one loads it again (``LlamaBackend`` loads lazily);
+  next request that needs one loads it again (``LlamaBackend`` loads lazily). A request that
+  arrived meanwhile (the app counts requests in flight from their arrival) cancels it: no
+  tier is unloaded while a request runs or waits, nor after it woke the hierarchy;
 * ``dream``: starts ``dreamroute dream --student S --teacher T`` in a separate process, on the
   same store and an effective-settings YAML, at a lower CPU priority (``nice``), so requests
-  go on being answered; the cycle is resumable, so a server stopped mid-cycle resumes it
+  go on being answered (it is not started when a request arrived since the tick decided); the cycle is resumable, so a server stopped mid-cycle resumes it
   the next time it dreams. When the process ends, its CPU time is charged as background
   ATP (the student tier's watts × CPU seconds, :meth:`TierCost.joules_from_seconds`) and,
   if it promoted a version, the server serves it (``DreamRoute.refresh_versions``).
@@ -26,7 +28,7 @@ import anyio
 import yaml
 
 from ..dream.select import SUCCESS_WITNESSES
-from ..metabolic import Action, MetabolicController
+from ..metabolic import Action, MetabolicController, State
 
 
 class Metabolism:
@@ -88,6 +90,9 @@ class Metabolism:
             return fn(*args)
 
     def _unload(self, tiers: tuple[str, ...]) -> None:
+        if self.ctl.in_flight or self.ctl.state not in (State.REST, State.DREAM):
+            self.ctl.unloaded = ()   # a request came between the decision and the lock
+            return
         for t in tiers:
             b = self.st.dr.backends[t]
             if getattr(b, "loaded", True):
@@ -102,6 +107,9 @@ class Metabolism:
                 "--json", str(report)]
 
     def _start_dream(self) -> None:
+        if self.ctl.in_flight or self.ctl.state is not State.DREAM:
+            self.ctl.cancel_dream("a request arrived before the DREAM cycle started")
+            return
         if self.student is None or self.proc is not None:
             self.ctl.dream_finished(False)
             return

@@ -8,6 +8,11 @@ cross-checks it against the tables it is the history of (trust, model
 version status, calibration), so that an edited entry, a removed entry
 (middle or tail) and a row changed behind the ledger's back are each reported.
 
+The end of the chain is anchored outside the database (:mod:`dreamroute.store.anchor`):
+after each commit that appended entries, the head (seq and hash) is written to a file
+next to the SQLite file, so removing trailing entries is detected even when the trust
+rows (and every other table) were rolled back to match them.
+
 Writers: ``append_entries`` (inside the caller's transaction) and
 ``trust_entries`` (the ``trust.update`` delta format ``verify`` relies on).
 """
@@ -31,6 +36,7 @@ from dreamroute.store.schema import (
 TRUST_ENTITY_PREFIX = "model_version:"
 TRUST_FIELDS = ("alpha_after", "beta_after", "count_after")
 STATUS_ACTIONS = ("model.activate", "model.candidate", "model.reject", "model.retire")
+HEAD_KEY = "dreamroute_ledger_head"   # Connection.info key: (seq, hash) appended by this transaction
 
 
 def _json_default(obj: Any) -> Any:
@@ -99,6 +105,7 @@ def append_entries(conn: Connection, entries: list[tuple[str, str, dict, list[st
                      "prev_hash": prev, "hash": h})
         prev = h
     conn.execute(insert(ledger), rows)
+    conn.info[HEAD_KEY] = (seq, prev)   # the new head, for the anchor written after commit
     return [r["seq"] for r in rows]
 
 
@@ -109,7 +116,8 @@ def _mean(alpha: float, beta: float) -> float | None:
 def trust_entries(updates: list[TrustUpdate], ids: list[int]) -> list[tuple[str, str, dict, list[str]]]:
     """``trust.update`` entries for ``updates``; ``ids`` are the experience ids that
     ``experience_index`` points into. Delta: alpha/beta before and after, count_after,
-    trust_before/after (posterior means), reason, experience_id."""
+    trust_before/after (posterior means), reason, experience_id; and, where the update sets
+    a response's verdict, ``reward`` (and ``replaces``: the verdict a correction takes back)."""
     out = []
     for u in updates:
         delta = {"alpha_before": u.alpha_before, "beta_before": u.beta_before,
@@ -118,6 +126,10 @@ def trust_entries(updates: list[TrustUpdate], ids: list[int]) -> list[tuple[str,
                  "trust_after": _mean(u.alpha_after, u.beta_after), "reason": u.reason,
                  "experience_id": ids[u.experience_index] if u.experience_index is not None
                  else u.experience_id}
+        if u.reward is not None:
+            delta["reward"] = u.reward
+        if u.replaces is not None:
+            delta["replaces"] = u.replaces
         out.append((trust_entity(u.model_version_id, u.context), "trust.update", delta, list(u.witnesses)))
     return out
 
@@ -156,7 +168,9 @@ def verify(conn: Connection) -> VerifyReport:
         and each model version's status the one its ``model.*`` entries
         (``to``, and ``retired`` for the version an activation retired) leave.
     An entry of another action at the very end of the chain has no table to
-    be checked against: removing it goes unnoticed until the next entry.
+    be checked against, and a removed tail whose tables were rolled back to
+    match leaves a valid shorter chain: neither shows here, only against the
+    anchor (:mod:`dreamroute.store.anchor`, checked by ``Store.verify_ledger``).
     """
     problems: list[str] = []
     last_trust: dict[tuple[int, str], tuple[int, dict]] = {}

@@ -10,7 +10,13 @@ migration 4 adds ``dream_cycles`` (each consolidation cycle's stage and results)
 migration 5 adds ``experiences.messages_hash`` (the key of the whole message
 list, what the server's fast path looks answers up by) and its index;
 migration 6 adds ``experiences.finish_reason`` (``stop`` or ``length``: the fast
-path never serves an answer that was cut off).
+path never serves an answer that was cut off); migration 7 adds
+``background_work.status``, ``.detail`` and ``.request_id`` (a failed call's upstream
+status, the backend's message, its request); migration 8 adds ``verdicts`` (the one
+verdict each response holds in trust, so a changed verdict replaces it); migration 9
+moves the stored fast-path keys, computed with whitespace collapsed, to
+``experiences.messages_hash_v1`` (kept, never looked up): the fast path now keys the
+exact message list, and an old key could match another conversation.
 
 ``migrate(engine)`` records each applied migration in
 ``_migrations(version, name, applied_at)``; every migration runs in its own
@@ -21,7 +27,7 @@ connection emits its own BEGIN, as ``sqlite_engine`` arranges).
 Opening a SQLite file goes through ``check_sqlite_file`` first (read-only:
 refuses a non-SQLite file, a foreign SQLite database, or a newer schema
 without touching it) and then ``sqlite_engine`` (WAL, busy_timeout, foreign
-keys, explicit BEGIN / BEGIN IMMEDIATE).
+keys, explicit BEGIN / BEGIN IMMEDIATE, ``synchronous = FULL``).
 """
 
 from __future__ import annotations
@@ -155,6 +161,33 @@ def _m006_finish_reason(conn: Connection) -> None:
     conn.exec_driver_sql("ALTER TABLE experiences ADD COLUMN finish_reason VARCHAR(20)")
 
 
+def _m007_failed_call_detail(conn: Connection) -> None:
+    """background_work.status, .detail and .request_id: a failed call's upstream HTTP status,
+    the backend's message, and the request it was made for (NULL before 7 and for other kinds)."""
+    conn.exec_driver_sql("ALTER TABLE background_work ADD COLUMN status INTEGER")
+    conn.exec_driver_sql("ALTER TABLE background_work ADD COLUMN detail TEXT")
+    conn.exec_driver_sql("ALTER TABLE background_work ADD COLUMN request_id VARCHAR(64)")
+
+
+def _m008_verdicts(conn: Connection) -> None:
+    """verdicts: per experience, the reward it holds in trust now and where its observation sits
+    (the trust row's count right after it), so that a changed verdict replaces it."""
+    conn.exec_driver_sql(
+        "CREATE TABLE verdicts ("
+        "experience_id INTEGER NOT NULL PRIMARY KEY REFERENCES experiences (id), "
+        "model_version_id INTEGER NOT NULL REFERENCES model_versions (id), context VARCHAR(40) NOT NULL, "
+        "reward FLOAT NOT NULL, slot_count FLOAT NOT NULL, outcome VARCHAR(20) NOT NULL, "
+        "witness VARCHAR(200) NOT NULL, ledger_seq INTEGER NOT NULL, updated_at VARCHAR(40) NOT NULL)")
+
+
+def _m009_exact_fastpath_key(conn: Connection) -> None:
+    """experiences.messages_hash_v1: the whitespace-collapsing keys migration 5 stored move here
+    (kept, never looked up); messages_hash is NULL for those rows, and is the exact key from now on."""
+    conn.exec_driver_sql("ALTER TABLE experiences ADD COLUMN messages_hash_v1 VARCHAR(64)")
+    conn.exec_driver_sql("UPDATE experiences SET messages_hash_v1 = messages_hash, messages_hash = NULL "
+                         "WHERE messages_hash IS NOT NULL")
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial tables", _m001_initial),
     (2, "indexes", _m002_indexes),
@@ -162,6 +195,9 @@ MIGRATIONS: list[Migration] = [
     (4, "dream cycles", _m004_dream_cycles),
     (5, "fast path: messages hash", _m005_messages_hash),
     (6, "finish reason", _m006_finish_reason),
+    (7, "failed call detail", _m007_failed_call_detail),
+    (8, "verdicts", _m008_verdicts),
+    (9, "exact fast-path key", _m009_exact_fastpath_key),
 ]
 
 
@@ -273,7 +309,9 @@ def sqlite_engine(path: Path | None) -> Engine:
         cur.execute("PRAGMA foreign_keys = ON")
         if path is not None:
             cur.execute("PRAGMA journal_mode = WAL")
-            cur.execute("PRAGMA synchronous = NORMAL")
+            # FULL: a commit is on disk before it returns, so the ledger anchor written after it
+            # (store/anchor.py) can never be ahead of the database, not even after a power loss
+            cur.execute("PRAGMA synchronous = FULL")
         cur.close()
 
     @event.listens_for(engine, "begin")

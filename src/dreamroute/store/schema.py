@@ -126,6 +126,7 @@ experiences = Table(
     Column("surprise_tier", String(100)),            # migration 3: the tier that scored the surprise
     Column("messages_hash", String(64)),             # migration 5: the whole conversation's key (fast path)
     Column("finish_reason", String(20)),             # migration 6: "stop" | "length" (None before it)
+    Column("messages_hash_v1", String(64)),          # migration 9: a pre-9 row's whitespace-normalised key
     CheckConstraint("role IN ('chosen','escalated','audit')", name="ck_experiences_role"),
     CheckConstraint("outcome IN ('success','failure','unknown')", name="ck_experiences_outcome"),
 )
@@ -152,7 +153,7 @@ Index("ix_ledger_entity", ledger.c.entity, ledger.c.seq)
 background_work = Table(                              # migration 3
     "background_work", metadata,
     Column("id", Integer, primary_key=True),
-    Column("kind", String(40), nullable=False),  # "prefill" (warm handoff), "failed_call" (fell back), "dream"
+    Column("kind", String(40), nullable=False),  # "prefill" (warm handoff), "failed_call", "unanswered", "dream"
     Column("tier", String(100), nullable=False),
     Column("model_version_id", Integer, ForeignKey("model_versions.id")),
     Column("conversation_id", String(200)),
@@ -161,6 +162,9 @@ background_work = Table(                              # migration 3
     Column("seconds", Float, nullable=False),
     Column("run_id", Integer, ForeignKey("runs.id")),
     Column("created_at", String(40), nullable=False),
+    Column("status", Integer),                         # migration 7: a failed call's upstream HTTP status
+    Column("detail", Text),                            # migration 7: a failed call's backend message
+    Column("request_id", String(64)),                  # migration 7: the request a failed call was for
 )
 
 dream_cycles = Table(                                 # migration 4
@@ -178,6 +182,19 @@ dream_cycles = Table(                                 # migration 4
     Column("created_at", String(40), nullable=False),
     Column("updated_at", String(40), nullable=False),
     CheckConstraint("status IN ('running','promoted','rejected','failed')", name="ck_dream_cycles_status"),
+)
+
+verdicts = Table(                                     # migration 8: one verdict per response
+    "verdicts", metadata,
+    Column("experience_id", Integer, ForeignKey("experiences.id"), primary_key=True),
+    Column("model_version_id", Integer, ForeignKey("model_versions.id"), nullable=False),
+    Column("context", String(40), nullable=False),
+    Column("reward", Float, nullable=False),          # the reward this response now holds in trust, [0, 1]
+    Column("slot_count", Float, nullable=False),      # the trust row's count right after its observation
+    Column("outcome", String(20), nullable=False),
+    Column("witness", String(200), nullable=False),
+    Column("ledger_seq", Integer, nullable=False),    # the entry that set it (observation or correction)
+    Column("updated_at", String(40), nullable=False),
 )
 
 calibration = Table(
@@ -201,7 +218,7 @@ EXPERIENCE_DEFAULTS: dict[str, object] = {
     "instability": None, "surprise": None, "snarc_s": 0.0, "snarc_n": 0.0, "snarc_a": 0.0,
     "snarc_r": 0.0, "snarc_c": 0.0, "salience": 0.0, "outcome": "unknown", "witness": "",
     "gold": None, "predicted": None, "priority": 0.0, "surprise_tier": None, "messages_hash": None,
-    "finish_reason": None,
+    "finish_reason": None, "messages_hash_v1": None,
 }
 
 #: experience columns that must be given: nothing sensible can stand in for them.
@@ -280,6 +297,12 @@ class TrustUpdate:
     experience whose outcome caused the change); when it is None the ledger
     entry cites ``experience_id`` instead (an experience stored earlier, e.g.
     for feedback), or nothing. ``witnesses`` name who judged the outcome.
+
+    ``reward`` (in [0, 1]) makes the change the cited experience's verdict, recorded in
+    ``verdicts`` (one per response). ``replaces`` marks a changed verdict: the correction of
+    an earlier one, ``{"reward", "outcome", "witness", "slot_count", "weight"}`` of the verdict
+    taken back (``weight`` = γ^d, its weight in trust now; see ``trust.replace_reward``). Both
+    go into the ledger entry's delta.
     """
 
     model_version_id: int
@@ -293,3 +316,5 @@ class TrustUpdate:
     reason: str = ""
     experience_index: int | None = None
     experience_id: int | None = None
+    reward: float | None = None
+    replaces: dict | None = None

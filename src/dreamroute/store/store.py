@@ -24,9 +24,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dreamroute.errors import StoreError
 from dreamroute.store import schema as T
-from dreamroute.store.ledger import VerifyReport, append_entries, canonical_json, trust_entries, verify
+from dreamroute.store.anchor import LedgerAnchor
+from dreamroute.store.ledger import HEAD_KEY, VerifyReport, append_entries, canonical_json, trust_entries, verify
 from dreamroute.store.migrations import check_sqlite_file, migrate, sqlite_engine
 from dreamroute.store.schema import ModelVersion, TrustRow, TrustUpdate, prompt_hash
+from dreamroute.store.verdicts import record_verdicts
 
 __all__ = ["Store", "ModelVersion", "TrustRow", "TrustUpdate", "VerifyReport", "prompt_hash"]
 
@@ -45,6 +47,8 @@ class Store:
     Attributes:
         path: the SQLite file, or None (in memory or a URL).
         url: the SQLAlchemy URL, password hidden.
+        anchor: the ledger head kept beside the SQLite file (:class:`~dreamroute.store.anchor.LedgerAnchor`,
+            moved after each commit that appends entries); None in memory or for a URL.
 
     Raises:
         StoreError: the file is not SQLite, not a dreamroute database,
@@ -58,6 +62,7 @@ class Store:
         memory = path is None or str(path) == ":memory:"
         is_url = isinstance(path, str) and "://" in path
         self.path: Path | None = None if memory or is_url else Path(path).expanduser()
+        fresh = self.path is not None and (not self.path.exists() or self.path.stat().st_size == 0)
         try:
             if self.path is not None:
                 check_sqlite_file(self.path)
@@ -72,13 +77,20 @@ class Store:
         self._upsert: Any = None
         try:
             self.applied_migrations = migrate(self._engine)   # raises StoreError only
+            self.anchor = LedgerAnchor(self.path, self._engine, fresh=fresh) if self.path else None
         except StoreError:
             self._engine.dispose()
             raise
+        except SQLAlchemyError as e:      # reading the ledger head for the anchor
+            self._engine.dispose()
+            raise StoreError(f"cannot read the ledger of {self.url}: {e}") from e
 
     # -- plumbing -----------------------------------------------------------------------------
     def close(self) -> None:
-        """Close every connection (SQLite then folds the WAL back into the file)."""
+        """Write the ledger anchor if a commit left it behind, and close every connection
+        (SQLite then folds the WAL back into the file)."""
+        if self.anchor is not None:
+            self.anchor.flush()
         self._engine.dispose()
 
     def __enter__(self) -> Store:
@@ -89,13 +101,19 @@ class Store:
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
-        """One write transaction: commits on success, rolls back on any exception."""
+        """One write transaction: commits on success, rolls back on any exception; after a
+        commit that appended ledger entries, the anchor is moved to the new head."""
         with self._wlock:
+            head = None
             try:
                 with self._wengine.begin() as conn:
+                    conn.info.pop(HEAD_KEY, None)   # left by a transaction that rolled back
                     yield conn
+                    head = self.anchor.staged(conn) if self.anchor is not None else None
             except SQLAlchemyError as e:
                 raise StoreError(f"write to {self.url} failed and was rolled back: {e}") from e
+            if head is not None:
+                self.anchor.committed(head)
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
@@ -301,12 +319,15 @@ class Store:
 
     def record_background(self, kind: str, tier: str, tokens: int, atp_joules: float, seconds: float, *,
                           model_version_id: int | None = None, conversation_id: str | None = None,
-                          run_id: int | None = None) -> int:
-        """Record idle-time work (``kind`` "prefill": a warm handoff) and the ATP it cost (J).
-        Returns its id. Raises StoreError on a failed write."""
+                          run_id: int | None = None, status: int | None = None, detail: str | None = None,
+                          request_id: str | None = None) -> int:
+        """Record work outside an answer and the ATP it cost (J): ``kind`` "prefill" (a warm handoff),
+        "failed_call" (a backend call that failed: ``status`` its upstream HTTP status, ``detail`` the
+        backend's message, ``request_id`` its request), "unanswered" (a request no tier could answer,
+        ``detail`` why), "dream". Returns its id. Raises StoreError on a failed write."""
         row = dict(kind=kind, tier=tier, tokens=int(tokens), atp_joules=float(atp_joules), seconds=float(seconds),
                    model_version_id=model_version_id, conversation_id=conversation_id, run_id=run_id,
-                   created_at=T.utc_now())
+                   created_at=T.utc_now(), status=status, detail=detail, request_id=request_id)
         with self._write() as conn:
             return conn.execute(insert(T.background_work).returning(T.background_work.c.id), [row]).scalar_one()
 
@@ -325,7 +346,8 @@ class Store:
             self._upsert_trust(conn, [{"model_version_id": u.model_version_id, "context": u.context,
                                        "alpha": u.alpha_after, "beta": u.beta_after,
                                        "count": u.count_after, "updated_at": now} for u in updates])
-            append_entries(conn, trust_entries(updates, ids), now)
+            seqs = append_entries(conn, trust_entries(updates, ids), now)
+            record_verdicts(conn, updates, ids, seqs, now)
 
     def _upsert_trust(self, conn: Connection, rows: list[dict]) -> None:
         if self._upsert is None:      # built once: building ``excluded`` costs ~0.5 ms
@@ -446,9 +468,11 @@ class Store:
         return out[::-1]
 
     def verify_ledger(self) -> VerifyReport:
-        """Re-walk the hash chain and cross-check trust and calibration (see ``ledger.verify``)."""
+        """Re-walk the hash chain and cross-check trust and calibration (see ``ledger.verify``),
+        and check the chain still reaches its anchored head (``store.anchor``)."""
         with self._read() as conn:
-            return verify(conn)
+            report = verify(conn)
+            return self.anchor.check(conn, report) if self.anchor is not None else report
 
     # -- runs ---------------------------------------------------------------------------------
     def start_run(self, workload: str, workload_digest: str, policy: str, seed: int,

@@ -1,0 +1,194 @@
+"""Faults: where a call goes when its tier fails or is cooling down, and what a fallback may cost.
+
+The rules (README, "Faults"):
+
+- **Pinned requests** (the request names a tier, ``Request.tier``; or the policy is
+  ``always:TIER`` outside CRISIS; or fallback is off, ``cooldown_s=None``) are answered by
+  that tier or fail: :class:`~dreamroute.errors.TierCoolingError` when it is cooling down
+  (it is not called), :class:`~dreamroute.errors.TierError` with the backend's message when
+  its call fails. Another tier never answers them.
+- **Routed requests** skip a failed or cooling tier. The fallback is the *cheapest available
+  tier the budget allows*: not cooling, not already tried for this request, and affordable
+  (below); an escalation falls back only to tiers above the one that failed, and a failed
+  audit is dropped. In CRISIS the fallback is the highest available tier, whatever the budget
+  (the only case that may spend past it). When the first call has nowhere left to go, the
+  request fails with :class:`~dreamroute.errors.NoTierAvailableError` (the server's 503,
+  ``run``'s failed item; stored as ``background_work`` kind ``unanswered``, ``detail`` why);
+  a failed escalation keeps the answer it had.
+- **Affordable** ("the budget allows"): with a budget of B J per request, a pacer that has
+  charged ``spent`` J over ``n`` requests, and ``so_far`` J already spent on this request
+  (surprise scoring, earlier calls), tier t is affordable when
+  ``(spent + so_far + E[ATP_t]) / (n + 1) <= B``, i.e. ``E[ATP_t] <= B·(n+1) − spent − so_far``:
+  the running average, with this request counted, stays within the budget
+  (:meth:`~dreamroute.router.memory.BudgetPacer.allows`, the same test an audit passes).
+  E[ATP_t] is the policy's estimate for this request (``Decision.expected_atp``) or, for a
+  policy without one, :meth:`~dreamroute.router.memory.Memory.expected_atp` (the mean ATP of
+  the tier's nearest experiences, else its mean, else the cost model). No budget: every tier
+  is affordable.
+- **Every failed call** (BackendError, TimeoutError) is charged no ATP, cools its tier for the
+  upstream's ``Retry-After`` when it sent one, else for ``cooldown_s``, is logged (a warning on
+  ``dreamroute.router``), stored (``background_work`` kind ``failed_call``: tier, seconds,
+  ``status``, ``detail`` = the backend's message, ``request_id``), reported to
+  ``Engine.on_failure`` and listed in ``Answer.failures``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from ..errors import BackendError, NoTierAvailableError, TierCoolingError, TierError
+from .types import Call, FailedCall, Request
+
+log = logging.getLogger("dreamroute.router")
+
+CallFn = Callable[[str, str, Request], Call]
+
+
+class Faults:
+    """The fault rules above for one engine; :meth:`begin` and :meth:`plan` set them up for each request.
+
+    Args:
+        engine: the :class:`~dreamroute.router.engine.Engine` (its tiers, cooldown, pacer,
+            store, memory, run id and ``on_failure``).
+
+    Attributes:
+        failures: the failed calls of the current request, in order.
+        pinned / crisis: whether the current request is pinned to its tier / routed in CRISIS.
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.failures: list[FailedCall] = []
+        self.pinned = False
+        self.crisis = False
+        self._expected: Callable[[str], float] = lambda tier: 0.0
+        self._spent: Callable[[], float] = lambda: 0.0
+
+    def begin(self) -> None:
+        """Start a request: no failures yet; routed, outside CRISIS, nothing spent (until :meth:`plan`)."""
+        self.failures, self.pinned, self.crisis = [], False, False
+        self._expected, self._spent = (lambda tier: 0.0), (lambda: 0.0)
+
+    def plan(self, *, pinned: bool, crisis: bool, expected: Callable[[str], float],
+             spent: Callable[[], float]) -> None:
+        """Set the rules for the request's calls, once it is routed: ``expected(tier)`` is a tier's
+        expected ATP for it (J), ``spent()`` what it has cost so far (J). Failures so far are kept."""
+        self.pinned, self.crisis = pinned, crisis
+        self._expected, self._spent = expected, spent
+
+    # ---- the budget ------------------------------------------------------------------
+    def allowance(self) -> float | None:
+        """ATP the budget allows one more call of this request now, J (may be negative; None:
+        no budget): B·(n+1) − spent − so_far."""
+        p = self.engine.pacer
+        if p.budget is None:
+            return None
+        return p.budget * (p.n + 1) - p.spent - self._spent()
+
+    def affordable(self, tier: str) -> bool:
+        """Whether calling ``tier`` keeps the running average within the budget (always in CRISIS)."""
+        return self.crisis or self.engine.pacer.allows(self._spent() + self._expected(tier))
+
+    # ---- calling ---------------------------------------------------------------------
+    def check(self, tier: str) -> None:
+        """Raise TierCoolingError when a pinned ``tier`` is cooling down (a request naming it
+        is refused before anything is done for it)."""
+        wait = self.engine.cooldown.cooling(tier)
+        if wait > 0:
+            raise TierCoolingError(tier, self.engine.cooldown.reasons.get(tier) or "an earlier failure",
+                                   retry_after_s=wait)
+
+    def call(self, tier: str, role: str, request: Request, do_call: CallFn) -> Call | None:
+        """``do_call(tier, role, request)`` under the rules above.
+
+        Returns the Call, or None for a dropped audit or an escalation with nowhere to go (or,
+        pinned, one meant for a cooling tier: it is not made).
+
+        Raises:
+            TierCoolingError / TierError: a pinned request's tier is cooling / failed.
+            NoTierAvailableError: a routed first call found no tier to answer.
+        """
+        cd = self.engine.cooldown
+        strict = self.pinned or not cd.enabled
+        first, started = tier, time.perf_counter()
+        tried: list[str] = []
+        failed: dict[str, str] = {}
+        unaffordable: dict[str, float] = {}
+        last: BaseException | None = None
+        while True:
+            if strict:
+                if role != "chosen" and cd.cooling(tier) > 0:
+                    return None  # an escalation or audit of a cooling tier is not made
+                self.check(tier)
+            if cd.cooling(tier) == 0:
+                t0 = time.perf_counter()
+                try:
+                    return do_call(tier, role, request)
+                except (BackendError, TimeoutError) as e:
+                    f = self.record(tier, role, request, e, time.perf_counter() - t0)
+                    if strict:
+                        raise TierError(tier, f.error, status=f.status, retry_after_s=cd.cooling(tier) or None) from e
+                    failed[tier], last = f.error, e
+            tried.append(tier)
+            if role == "audit":
+                return None
+            tier = self._fallback(tier, role, tried, unaffordable)
+            if tier is None:
+                if role == "escalated":
+                    return None
+                err = self._nothing_left(failed, unaffordable)
+                eng = self.engine
+                eng.store.record_background("unanswered", first, 0, 0.0, time.perf_counter() - started,
+                                            conversation_id=request.conversation_id, run_id=eng.run_id,
+                                            detail=str(err), request_id=request.request_id)
+                log.warning("request %s not answered: %s", request.request_id, err)
+                raise err from last
+
+    def _fallback(self, failed: str, role: str, tried: list[str], unaffordable: dict[str, float]) -> str | None:
+        """The next tier to try after ``failed`` (see the module docstring), noting in
+        ``unaffordable`` each one skipped for the budget."""
+        tiers = self.engine.tiers
+        avail = [t for t in self.engine.cooldown.available() if t not in tried]
+        if role == "escalated":
+            avail = [t for t in avail if tiers.index(t) > tiers.index(failed)]
+        for t in reversed(avail) if self.crisis else avail:
+            if self.affordable(t):
+                return t
+            unaffordable[t] = self._expected(t)
+        return None
+
+    def _nothing_left(self, failed: dict[str, str], unaffordable: dict[str, float]) -> NoTierAvailableError:
+        cd = self.engine.cooldown
+        cooling = {t: s for t, s in cd.remaining().items() if t not in failed}
+        allowance = self.allowance()
+        parts = [f"{t} failed ({m})" for t, m in failed.items()]
+        parts += [f"{t} is cooling down for {s:.0f} s more ({cd.reasons.get(t) or 'an earlier failure'})"
+                  for t, s in cooling.items()]
+        parts += [f"{t} would cost {j:.1f} J, more than the {max(allowance or 0.0, 0.0):.1f} J the budget "
+                  f"({self.engine.pacer.budget:g} J per request) allows now" for t, j in unaffordable.items()]
+        waits = [s for s in cd.remaining().values() if s > 0]
+        return NoTierAvailableError("no tier could answer this request: " + "; ".join(parts or ["no tier left"]),
+                                    failed=failed, cooling=cooling, unaffordable=unaffordable,
+                                    allowance_j=allowance, retry_after_s=min(waits) if waits else None)
+
+    # ---- recording -------------------------------------------------------------------
+    def record(self, tier: str, role: str, request: Request, error: BaseException, seconds: float) -> FailedCall:
+        """Cool ``tier`` (the upstream's Retry-After, else ``cooldown_s``), then log, store and report
+        the failed call (its seconds, no ATP). Returns the :class:`FailedCall`."""
+        eng = self.engine
+        status = getattr(error, "status", None)
+        message = str(error) or type(error).__name__
+        eng.cooldown.cool(tier, getattr(error, "retry_after_s", None), reason=message)
+        failed = FailedCall(tier, role, message, seconds, request.request_id, status, eng.cooldown.cooling(tier))
+        self.failures.append(failed)
+        log.warning("tier %s failed (%s call, %s) for request %s: %s; %s", tier, role,
+                    f"HTTP {status}" if status is not None else type(error).__name__, request.request_id, message,
+                    f"skipped for {failed.cooled_s:.0f} s" if failed.cooled_s > 0 else "not skipped")
+        eng.store.record_background("failed_call", tier, 0, 0.0, seconds, model_version_id=eng.memory.versions.get(tier),
+                                    conversation_id=request.conversation_id, run_id=eng.run_id, status=status,
+                                    detail=message, request_id=request.request_id)
+        if eng.on_failure is not None:
+            eng.on_failure(failed)
+        return failed
