@@ -98,3 +98,23 @@ def test_run_stops_cleanly_on_a_bad_byte_and_keeps_the_answers_before_it(tmp_pat
     r = CliRunner().invoke(app, ["run", str(wl), "--db", str(tmp_path / "s2.db")])
     assert r.exit_code == 2 and "w.jsonl:1: column 1: byte 0xff is not UTF-8" in " ".join(r.output.split())
     assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("kind", ["outcomes", "csv"])
+@pytest.mark.parametrize("line", [1, 2, 3])
+def test_recorded_source_with_a_bad_byte_names_file_line_and_column(tmp_path, kind, line):
+    """simulate's recorded sources (outcome JSONL, RouteLLM CSV) stop with a WorkloadError, not a UnicodeDecodeError."""
+    from dreamroute.eval.recorded import load_recorded
+    if kind == "outcomes":
+        rows = [json.dumps({"tier": t, "correct": True, "prompt": f"q{i}", "key": f"k{i}"}).encode()
+                for i in range(2) for t in ("a", "b")]
+        path = tmp_path / "rec.jsonl"
+    else:
+        rows = [b"prompt,weak,strong"] + [f"q{i},True,False".encode() for i in range(3)]
+        path = tmp_path / "rec.csv"
+    rows[line - 1] = rows[line - 1][:3] + b"\xe9" + rows[line - 1][3:]
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    with pytest.raises(WorkloadError) as e:
+        load_recorded(path)
+    msg = str(e.value)
+    assert f"{path}:{line}: column 4" in msg and "0xe9" in msg and "UTF-8" in msg

@@ -213,10 +213,22 @@ def _fail(path: Path, where: str, what: str, fix: str) -> NoReturn:
     raise WorkloadError(f"{path}:{where}: {what}; {fix}.")
 
 
+def _utf8_lines(fh, path: Path):
+    """Lines (ends kept) of a file opened in binary mode, decoded as UTF-8 one at a time;
+    a byte that is not UTF-8 raises WorkloadError naming the line and column."""
+    for lineno, raw in enumerate(fh, start=1):
+        try:
+            yield raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            _fail(path, f"{lineno}: column {exc.start + 1}",
+                  f"byte 0x{raw[exc.start]:02x} is not UTF-8 ({exc.reason})",
+                  "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT`)")
+
+
 def _json_lines(fh, path: Path, fix: str):
     """(line number, decoded record) for each non-blank line of an open JSONL file;
     a line that is not JSON raises WorkloadError naming it, with ``fix``."""
-    for lineno, line in enumerate(fh, start=1):
+    for lineno, line in enumerate(_utf8_lines(fh, path), start=1):
         if not line.strip():
             continue
         try:
@@ -281,7 +293,7 @@ def _detect_kind(path: Path) -> str:
         return "routellm"
     if path.suffix == ".jsonl":
         try:
-            with path.open("r", encoding="utf-8") as fh:
+            with path.open("rb") as fh:
                 for _lineno, rec in _json_lines(fh, path, "write one JSON object per line"):
                     if isinstance(rec, dict) and "tier" in rec and "correct" in rec:
                         return "outcomes"
@@ -392,7 +404,7 @@ def _load_outcomes(files: list[Path]) -> tuple[list[str], list[RecordedItem], di
     seconds: dict[str, list[float]] = {}
     for path in files:
         try:
-            fh = path.open("r", encoding="utf-8")
+            fh = path.open("rb")
         except OSError as exc:
             raise WorkloadError(f"cannot read recorded outcomes {str(path)!r}: {exc}.") from exc
         with fh:
@@ -459,7 +471,7 @@ def _contaminated(directory: Path) -> set[str]:
     if not path.is_file():
         return set()
     out: set[str] = set()
-    with path.open("r", encoding="utf-8") as fh:
+    with path.open("rb") as fh:
         for lineno, rec in _json_lines(fh, path, "write one JSON object per line with an 'eval_prompt' string"):
             if not isinstance(rec, dict) or not isinstance(rec.get("eval_prompt"), str):
                 _fail(path, str(lineno), "no 'eval_prompt' string",
@@ -472,11 +484,11 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, int, list[str]]]]:
     """Header and (row index, first line number, fields) of each data row."""
     rows: list[tuple[int, int, list[str]]] = []
     try:
-        fh = path.open("r", encoding="utf-8", newline="")
+        fh = path.open("rb")
     except OSError as exc:
         raise WorkloadError(f"cannot read RouteLLM CSV {str(path)!r}: {exc}.") from exc
     with fh:
-        reader = csv.reader(fh)
+        reader = csv.reader(_utf8_lines(fh, path))
         try:
             header = next(reader, None)
             if header is None:

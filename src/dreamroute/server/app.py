@@ -395,7 +395,8 @@ def create_app(settings: Settings, *, dr: DreamRoute | None = None,
         text = await anyio.to_thread.run_sync(st.metrics.exposition)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    @app.head("/health", include_in_schema=False)
+    @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "tiers": tiers, "policy": dr.policy.name,
                 "store": str(dr.store.path or dr.store.url), "uptime_s": round(time.time() - st.started, 3),
