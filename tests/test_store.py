@@ -362,18 +362,17 @@ def test_concurrent_writers_keep_one_chain(tmp_path):
         s.close()
 
 
-def test_record_throughput(tmp_path):
+def test_many_records_are_all_stored_and_ledgered(tmp_path):
+    """400 record() calls in a row: every experience, trust update and ledger entry is there.
+    (Its speed is a benchmark, not a test: benchmarks/store_throughput.py.)"""
     with Store(tmp_path / "s.db") as s:
         mv = s.ensure_model_version("sensory", "sha256:aa", "SmolLM2")
         n, a = 400, 1.0
-        t0 = time.perf_counter()
         for i in range(n):
             s.record([exp(model_version_id=mv, item_key=f"q{i}"), exp(role="audit", model_version_id=mv)],
                      [update(mv, "novel", (a, 1.0), True, i + 1, 0)])
             a += 1
-        rate = n / (time.perf_counter() - t0)
-        print(f"record(): {rate:.0f} requests/s (2 experiences, 1 trust update, 1 ledger entry each)")
-        assert rate > 200
-        t0 = time.perf_counter()
         rows = s.experiences(["id", "tier", "context", "outcome", "atp_joules"])
-        assert len(rows) == 2 * n and time.perf_counter() - t0 < 1.0
+        assert len(rows) == 2 * n
+        report = s.verify_ledger()
+        assert report.ok, report.problems
