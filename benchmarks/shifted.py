@@ -68,7 +68,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=600)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--grid", action="store_true")
-    ap.add_argument("--grid-spec", help="JSON {router setting: [values]} for --grid")
+    ap.add_argument("--grid-spec", help="JSON for --grid: {router setting: [values]} (their product) or "
+                                        "[{router setting: value}, ...]")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot-dir", type=Path)
     a = ap.parse_args()
@@ -77,9 +78,10 @@ def main() -> None:
         grid = json.loads(a.grid_spec) if a.grid_spec else {
             "thompson_coupling": [0.8, 0.95], "pacing_lambda_floor": [0.05, 0.1],
             "pacing_bank_horizon": [100, 200], "pacing_cap": [1.03]}
+        combos = ([dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+                  if isinstance(grid, dict) else grid)  # a dict of lists (product) or a list of settings
         results = []
-        for values in itertools.product(*grid.values()):
-            router = dict(zip(grid, values))
+        for router in combos:
             t0 = time.time()
             sc = score(run_suite(pool, router, n=a.n, seeds=a.seeds))
             results.append({"router": router, **sc})

