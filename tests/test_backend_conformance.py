@@ -515,6 +515,40 @@ def test_cancel_stops_within_a_token_and_leaves_the_backend_usable(backend):
     assert again.text == plain.text and again.completion_tokens == plain.completion_tokens
 
 
+@pytest.mark.parametrize("with_stop", [False, True], ids=["plain", "stop"])
+def test_on_text_streams_pieces_that_join_to_the_text(backend, with_stop):
+    plain = backend.generate(Q1, max_tokens=12)
+    stops = [plain.text.split()[2][1:], "\u2603never\u2603"] if with_stop else None
+    pieces: list[str] = []
+    g = backend.generate(Q1, max_tokens=12, stop=stops, on_text=pieces.append)
+    assert "".join(pieces) == g.text and all(isinstance(p, str) and p for p in pieces)
+    assert len(pieces) > 1                                     # as generated, not once at the end
+    if with_stop:
+        assert g.text == backend.generate(Q1, max_tokens=12, stop=stops).text and g.finish_reason == "stop"
+    else:
+        assert g.text == plain.text
+
+
+def test_text_emitter_holds_back_what_a_stop_string_may_remove():
+    from dreamroute.backends.options import TextEmitter
+    sent: list[str] = []
+    e = TextEmitter(sent.append, ["STOP", "xy"])
+    text = ""
+    for piece in ["ab", "cS", "T", "O", "P tail"]:
+        text += piece
+        e.update(text)
+        assert "S" not in "".join(sent)                        # "S", "ST", "STO" could still be a stop's start
+    e.finish(text[:text.find("STOP")])
+    assert "".join(sent) == "abc"
+    raw: list[str] = []
+    e = TextEmitter(raw.append, [b"\n\n"], raw=True)
+    data = "é ok\n\nrest".encode()
+    for i in range(1, len(data) + 1):                           # one byte at a time: "é" is two
+        e.update(data[:i])
+    e.finish(data[:data.find(b"\n\n")])
+    assert "".join(raw) == "é ok" and all(raw)
+
+
 def test_scripted_json_mode_checks_the_scripted_answer():
     b = ScriptedBackend("s", lambda m: "not json at all")
     with pytest.raises(BackendError, match="not JSON"):
@@ -535,7 +569,8 @@ def test_openai_sends_options_upstream_and_cuts_stop_itself():
     body = log[-1][1]
     assert body["stop"] == [stop] and body["top_logprobs"] == 3 and body["logprobs"] is True
     assert body["response_format"] == {"type": "json_object"}
-    assert "top_logprobs" not in log[0][1] and "stop" not in log[0][1] and "response_format" not in log[0][1]
+    assert "stop" not in log[0][1] and "response_format" not in log[0][1]
+    assert log[0][1]["top_logprobs"] == 1   # at least one is always asked (llama-cpp-python's server needs it)
     g = b.generate(Q1, max_tokens=8, stop=[stop], logprobs=True)   # the server ignores stop: cut here
     assert g.text == plain.text[:plain.text.index(stop)] and g.finish_reason == "stop"
     assert b"".join(t.bytes for t in g.token_details).startswith(g.text.encode())
@@ -560,3 +595,6 @@ def test_replay_refuses_what_a_recording_cannot_honour(tmp_path):
     with pytest.raises(GenerationCancelled):
         backends["tactical"].generate(msgs, cancel=lambda: True)
     assert backends["tactical"].generate(msgs, response_format={"type": "text"}, cancel=lambda: False).text
+    pieces: list[str] = []
+    g = backends["tactical"].generate(msgs, on_text=pieces.append)      # a recording: the text in one piece
+    assert pieces == ([g.text] if g.text else [])

@@ -12,9 +12,10 @@ from dreamroute.store.ledger import GENESIS_HASH, canonical_json, entry_hash, pa
 from dreamroute.store.store import Store, TrustUpdate
 
 
-def build_chain(path) -> dict:
-    """A store with two tiers, 24 trust updates over two contexts, a calibration and a promotion."""
-    with Store(path) as s:
+def build_chain(path, instance_id: str | None = None) -> dict:
+    """A store with two tiers, 24 trust updates over two contexts, a calibration and a promotion
+    (one chain: one Store, of ``instance_id`` or a new one)."""
+    with Store(path, instance_id=instance_id) as s:
         mvs = [s.ensure_model_version("sensory", "sha256:aa", "SmolLM2"),
                s.ensure_model_version("tactical", "sha256:bb", "Qwen 0.5B")]
         state = {}

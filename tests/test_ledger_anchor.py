@@ -125,11 +125,20 @@ def test_a_deliberately_restored_backup_is_anchored_anew_once_its_anchor_is_dele
 def test_a_replaced_chain_is_detected_by_its_first_entry(tmp_path):
     a, b = tmp_path / "a" / "s.db", tmp_path / "b" / "s.db"
     for p in (a, b):
-        build_chain(p)                  # same shape, other timestamps: other hashes
+        build_chain(p, instance_id="router-1")   # same chain id and shape, other timestamps: other hashes
     shutil.copy(b, a)                   # b's database where a's was, a's anchor left
     problems = verify_store(a).problems
     assert any("first entry differs" in p for p in problems) and any(f"seq {N_ENTRIES} differs" in p
                                                                       for p in problems), problems
+
+
+def test_a_replaced_database_is_detected_by_its_missing_chain(tmp_path):
+    a, b = tmp_path / "a" / "s.db", tmp_path / "b" / "s.db"
+    for p in (a, b):
+        build_chain(p)                  # each its own instance: other chains
+    shutil.copy(b, a)
+    problems = verify_store(a).problems
+    assert len(problems) == 1 and "holds none of them" in problems[0] and "database replaced" in problems[0], problems
 
 
 def test_each_store_has_its_own_anchor(tmp_path):
@@ -175,7 +184,7 @@ def test_a_failed_anchor_write_never_fails_the_commit(tmp_path, monkeypatch):
 
         def full(*a, **k):
             raise OSError(28, "No space left on device")
-        monkeypatch.setattr(A, "write_anchor", full)
+        monkeypatch.setattr(A, "write_anchors", full)
         seq = s.append_ledger("x", "note", {"n": 2}, ["test"])
         s.anchor.flush()
         assert seq == 2 and "No space left" in s.anchor.error
@@ -185,23 +194,24 @@ def test_a_failed_anchor_write_never_fails_the_commit(tmp_path, monkeypatch):
 
 
 def test_a_crash_between_commit_and_anchor_write_still_verifies(tmp_path):
-    """A process killed (SIGKILL) right after a commit, before it writes the anchor."""
+    """A process killed (SIGKILL) right after a commit, before it writes the anchor (one chain,
+    continued by each restart: a configured instance id)."""
     path = tmp_path / "s.db"
-    with Store(path) as s:
+    with Store(path, instance_id="r1") as s:
         s.append_ledger("x", "note", {"n": 1}, ["test"])
     script = textwrap.dedent(f"""
         import os, signal
         from dreamroute.store.anchor import LedgerAnchor
         from dreamroute.store.store import Store
         LedgerAnchor.committed = lambda self, head: os.kill(os.getpid(), signal.SIGKILL)
-        s = Store({str(path)!r})
+        s = Store({str(path)!r}, instance_id="r1")
         s.append_ledger("x", "note", {{"n": 2}}, ["test"])
         print("not reached")
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9 and "not reached" not in proc.stdout, proc.stderr
     assert read_anchor(anchor_path(path)).seq == 1
-    with Store(path) as s:
+    with Store(path, instance_id="r1") as s:
         assert len(s.ledger_entries()) == 2          # the commit itself is there
         assert s.verify_ledger().ok
         s.append_ledger("x", "note", {"n": 3}, ["test"])
@@ -219,3 +229,45 @@ def test_a_burst_of_commits_is_anchored_within_the_interval_without_a_close(tmp_
     time.sleep(INTERVAL_S * 4)                           # the timer writes the last head
     assert read_anchor(anchor_path(tmp_path / "s.db")).seq == 20
     s.close()
+
+
+def test_a_store_anchored_before_ledger_chains_keeps_its_anchor_as_the_legacy_chain(tmp_path):
+    """A database at migration 9 with a format-1 anchor (one chain): after the upgrade its entries
+    are the chain ``legacy`` and the old anchor still guards their tail."""
+    from dreamroute.store import schema as T
+    from dreamroute.store.ledger import canonical_json, entry_hash
+    from dreamroute.store.migrations import MIGRATIONS, sqlite_engine
+
+    path = tmp_path / "s.db"
+    engine = sqlite_engine(path)
+    with engine.execution_options(dreamroute_write=True).begin() as conn:
+        T.migrations_table.create(conn)
+        for version, name, fn in MIGRATIONS[:9]:
+            fn(conn)
+            conn.execute(T.migrations_table.insert().values(version=version, name=name, applied_at=T.utc_now()))
+    engine.dispose()
+    now, prev, rows = T.utc_now(), T.GENESIS_HASH, []
+    for seq in (1, 2, 3):
+        delta, witnesses = {"n": seq}, ["test"]
+        h = entry_hash(prev, seq, now, "x", "note", delta, witnesses)
+        rows.append((seq, now, "x", "note", canonical_json(delta), canonical_json(witnesses), prev, h))
+        prev = h
+    con = sqlite3.connect(path)
+    with con:
+        con.executemany("INSERT INTO ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    con.close()
+    anchor_path(path).write_text(json.dumps({"format": 1, "seq": 3, "hash": rows[-1][-1], "first": rows[0][-1],
+                                             "written_at": now}))
+    report = verify_store(path)
+    assert report.ok and report.chains == {"legacy": 3}, report.problems
+    with Store(path) as s:
+        s.append_ledger("x", "note", {"n": 4}, ["test"])
+        me = s.instance_id
+    anchors = __import__("dreamroute.store.anchor", fromlist=["read_anchors"]).read_anchors(anchor_path(path))
+    assert anchors["legacy"].seq == 3 and anchors[me].seq == 1
+    con = sqlite3.connect(path)
+    with con:
+        con.execute("DELETE FROM ledger WHERE instance_id = 'legacy' AND chain_seq = 3")
+    con.close()
+    problems = verify_store(path).problems
+    assert len(problems) == 1 and "chain legacy: the ledger ends at seq 2" in problems[0], problems

@@ -14,6 +14,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from dreamroute.backends.scripted import ScriptedBackend
+from dreamroute.router.gate import TierGate
 
 from .conftest import TIERS
 from .test_server import KEY, Q, make, user
@@ -72,7 +73,7 @@ def test_openai_client_over_a_socket(tmp_path):
     assert dr.store.count_experiences() >= 3 and dr.store.verify_ledger().ok
 
 
-def test_one_request_at_a_time_while_health_and_metrics_stay_served(tmp_path):
+def test_a_request_waits_for_its_tiers_turn_while_health_and_metrics_stay_served(tmp_path):
     entered, gate = threading.Event(), threading.Event()
 
     def slow(messages):
@@ -80,6 +81,7 @@ def test_one_request_at_a_time_while_health_and_metrics_stay_served(tmp_path):
         assert gate.wait(20)
         return "done."
     c, dr = make(tmp_path, {n: ScriptedBackend(f"sha-{n}", slow) for n in TIERS}, request_timeout_s=0.3)
+    dr.gates["tactical"] = TierGate("tactical", 1, 4)     # one call at a time, as a llama.cpp tier
     body = {"model": "tactical", "messages": user(Q)}
     with served(c.app) as url:
         results = {}
@@ -97,8 +99,8 @@ def test_one_request_at_a_time_while_health_and_metrics_stay_served(tmp_path):
                 assert h.get(f"{url}/metrics").status_code == 200
                 assert time.monotonic() - t0 < 5
                 busy = h.post(f"{url}/v1/chat/completions", json={**body, "messages": user("other")})
-                assert busy.status_code == 503 and busy.json()["error"]["code"] == "server_busy"
-                assert busy.headers["retry-after"] == "1"
+                assert busy.status_code == 503 and busy.json()["error"]["code"] == "tier_busy"   # waited 0.3 s
+                assert int(busy.headers["retry-after"]) >= 1
         finally:
             gate.set()
             t.join(20)

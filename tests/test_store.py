@@ -90,6 +90,7 @@ def test_upgrade_from_oldest_schema_keeps_rows(tmp_path):
     row.pop("messages_hash")                   # added by migration 5
     row.pop("finish_reason")                   # added by migration 6
     row.pop("messages_hash_v1")                # added by migration 9
+    row.pop("instance_id")                     # added by migration 10
     con = sqlite3.connect(path)
     with con:
         con.execute("INSERT INTO model_versions (id, tier, identity, name, status, created_at) "
@@ -136,8 +137,8 @@ def test_reopen_is_idempotent(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["fk", "nan", "append", "index"])
-def test_record_is_atomic(tmp_path, monkeypatch, where):
-    s = Store(tmp_path / "s.db")
+def test_record_is_atomic(store_db, monkeypatch, where):
+    s = Store(store_db)
     mv = s.ensure_model_version("sensory", "sha256:aa", "SmolLM2")
     s.record([exp(model_version_id=mv)], [update(mv, "novel", (1, 1), True, 1)])
     before = (s.count_experiences(), s.trust_table(), s.ledger_entries())
@@ -152,19 +153,19 @@ def test_record_is_atomic(tmp_path, monkeypatch, where):
     else:                                  # an arbitrary crash after the trust upsert
         def boom(*a, **k):
             raise RuntimeError("crash mid-write")
-        monkeypatch.setattr("dreamroute.store.store.append_entries", boom)
+        monkeypatch.setattr("dreamroute.store.trust_rows.append_entries", boom)
     with pytest.raises((StoreError, RuntimeError)):
         s.record(exps, ups)
     monkeypatch.undo()
     assert (s.count_experiences(), s.trust_table(), s.ledger_entries()) == before
     assert s.verify_ledger().ok
     ids = s.record(exps, [update(mv, "novel", (2, 1), True, 2)])   # the store still works
-    assert ids == [2, 3]
+    assert ids == [2, 3] if s.dialect == "sqlite" else ids[1] == ids[0] + 1   # PostgreSQL: rolled-back ids skipped
     s.close()
 
 
-def test_record_writes_experiences_trust_and_ledger(tmp_path):
-    with Store(tmp_path / "s.db") as s:
+def test_record_writes_experiences_trust_and_ledger(store_db):
+    with Store(store_db) as s:
         mv = s.ensure_model_version("sensory", "sha256:aa", "SmolLM2")
         ids = s.record([exp(model_version_id=mv), exp(role="audit", model_version_id=mv, outcome="failure")],
                        [update(mv, "novel", (1, 1), True, 1, 0), update(mv, "novel", (2, 1), False, 2, 1)])
@@ -184,9 +185,10 @@ def test_record_writes_experiences_trust_and_ledger(tmp_path):
             s.record([{"prompt": "x"}], [])
 
 
-def test_feedback_outcome_updates_trust_in_one_transaction(tmp_path):
-    with Store(None) as s:
-        assert s.path is None
+@pytest.mark.parametrize("where", ["memory", "file or server"])
+def test_feedback_outcome_updates_trust_in_one_transaction(store_db, where):
+    with Store(None if where == "memory" else store_db) as s:
+        assert (s.path is None) == (where == "memory" or s.dialect == "postgresql")
         mv = s.ensure_model_version("sensory", "sha256:aa", "SmolLM2")
         ids = s.record([exp(model_version_id=mv, outcome="unknown", witness="", request_id="r-1"),
                         exp(role="audit", model_version_id=mv, request_id="r-1")], [])
@@ -202,8 +204,8 @@ def test_feedback_outcome_updates_trust_in_one_transaction(tmp_path):
         assert s.get_trust(mv, "novel").count == 1 and s.verify_ledger().ok
 
 
-def test_resume_runs(tmp_path):
-    path = tmp_path / "s.db"
+def test_resume_runs(store_db):
+    path = store_db
     with Store(path) as s:
         r1 = s.start_run("gsm8k/test.jsonl", "d1", "trust", 0, 2.5, fresh=False)
         assert s.start_run("gsm8k/test.jsonl", "d1", "trust", 0, 2.5, fresh=False) == r1
@@ -281,8 +283,8 @@ def test_directory_and_truncated_file_are_refused(tmp_path):
     assert digest(broken) == before
 
 
-def test_model_versions(tmp_path):
-    with Store(tmp_path / "s.db") as s:
+def test_model_versions(store_db):
+    with Store(store_db) as s:
         a = s.ensure_model_version("sensory", "sha256:aa", "SmolLM2")
         assert s.ensure_model_version("sensory", "sha256:aa", "SmolLM2") == a
         b = s.ensure_model_version("sensory", "sha256:bb", "SmolLM2 v2")
@@ -308,9 +310,8 @@ def test_model_versions(tmp_path):
         assert s.verify_ledger().ok
 
 
-def test_queries_outcomes_and_calibration(tmp_path):
-    with Store(":memory:") as s:
-        assert s.path is None
+def test_queries_outcomes_and_calibration(store_db):
+    with Store(store_db) as s:
         mv = s.ensure_model_version("sensory", "sha256:aa", "SmolLM2")
         for i in range(5):
             s.record([exp(model_version_id=mv, tier="sensory" if i % 2 else "tactical", turn=i)], [])
@@ -338,9 +339,9 @@ def test_queries_outcomes_and_calibration(tmp_path):
         assert s.ledger_entries(1)[0]["seq"] == seq and s.verify_ledger().ok
 
 
-def test_concurrent_writers_keep_one_chain(tmp_path):
-    path = tmp_path / "s.db"
-    stores = [Store(path), Store(path)]             # two routers sharing one file
+def test_concurrent_writers_keep_their_chains(store_db):
+    path = store_db
+    stores = [Store(path), Store(path)]             # two routers sharing one file (or server)
     mv = stores[0].ensure_model_version("sensory", "sha256:aa", "SmolLM2")
 
     def work(s: Store, ctx: str):
@@ -358,6 +359,7 @@ def test_concurrent_writers_keep_one_chain(tmp_path):
     report = stores[1].verify_ledger()
     assert report.ok, report.problems
     assert report.entries == 1 + 160 and stores[0].count_experiences() == 160
+    assert report.chains == {stores[0].instance_id: 1 + 80, stores[1].instance_id: 80}   # one chain per router
     for s in stores:
         s.close()
 

@@ -199,7 +199,7 @@ def test_a_response_judged_before_migration_8_is_replaced_too(tmp_path):
     row = T.experience_row(dict(role="chosen", prompt=PROMPTS[0], tier="tactical", context="novel",
                                 model_version_id=1, response="tactical: the answer is 4.", outcome="success",
                                 witness="ground_truth"), "req-1", now)
-    for late in ("surprise_tier", "messages_hash", "finish_reason", "messages_hash_v1"):
+    for late in ("surprise_tier", "messages_hash", "finish_reason", "messages_hash_v1", "instance_id"):
         row.pop(late)
     con = sqlite3.connect(path)
     with con:

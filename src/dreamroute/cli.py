@@ -29,7 +29,8 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = typer.Option(None, "--config", help="YAML config file (tiers:, router:, data_dir:).")
-DbOpt = typer.Option(None, "--db", help="SQLite store path (default: the user data directory).")
+DbOpt = typer.Option(None, "--db", help="Store: an SQLite file path (default: <data_dir>/dreamroute.db) or an "
+                     "SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@host:5432/db (the postgres extra).")
 
 
 def _errors(fn):
@@ -47,16 +48,27 @@ def _errors(fn):
     return wrapper
 
 
-def _settings(config: Optional[Path], db: Optional[Path]) -> Settings:
+def _settings(config: Optional[Path], db: Optional[str | Path]) -> Settings:
     return load_settings(config, db=db)
 
 
 def _existing_store(settings: Settings):
-    """Open the store for a read-only command; a store that does not exist is an error, not created."""
+    """Open the store for a read-only command; an SQLite file that does not exist is an error,
+    not created (a server URL is opened as it is: StoreError when it cannot be reached)."""
     from .store.store import Store
-    if not settings.db_path.exists():
-        raise StoreError(f"no store at {settings.db_path}; check --db (run or demo create one)")
-    return Store(settings.db_path)
+    from .store.url import is_server_url, is_sqlite_url
+    db = settings.db_path
+    if not is_server_url(db):
+        path = Path(db) if not is_sqlite_url(db) else _sqlite_url_file(str(db))
+        if path is not None and not path.exists():
+            raise StoreError(f"no store at {path}; check --db (run or demo create one)")
+    return Store(db, instance_id=settings.store.instance_id)
+
+
+def _sqlite_url_file(url: str) -> Optional[Path]:
+    from sqlalchemy.engine import make_url
+    database = make_url(url).database
+    return Path(database) if database and database != ":memory:" else None
 
 
 def _run_and_report(settings: Settings, spec: str, *, policy, budget, seed, limit, fresh, db, json_path,
@@ -87,7 +99,7 @@ def run(workload: str = typer.Argument(..., help="GSM8K JSONL, generic JSONL (pr
         json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
         max_tokens: int = typer.Option(320, min=1, help="Generation limit per call."),
         no_cache: bool = typer.Option(False, "--no-cache", help="Do not keep or restore conversation KV states."),
-        config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
+        config: Optional[Path] = ConfigOpt, db: Optional[str] = DbOpt):
     """Route a workload live, grade each answer, learn online, and report. Resumable.
 
     Conversation workloads (records with "turns", e.g. MT-Bench's question.jsonl) send each
@@ -105,19 +117,20 @@ def run(workload: str = typer.Argument(..., help="GSM8K JSONL, generic JSONL (pr
 def demo(n: int = typer.Option(40, min=1, help="Generated problems to route (levels 1-5 interleaved)."),
          budget: Optional[float] = typer.Option(90.0, min=0, help="Average ATP per request, J."),
          seed: int = typer.Option(0), json_path: Optional[Path] = typer.Option(None, "--json"),
-         config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
+         config: Optional[Path] = ConfigOpt, db: Optional[str] = DbOpt):
     """The main job on the default hierarchy: route generated arithmetic word problems and show the trust learned.
 
     Starts from an empty store (a temporary one unless --db is given), so the
     trust shown is what this run learned.
     """
+    from .store.url import hide_password
     settings = _settings(config, db)
     tmp = None
     if db is None:
         tmp = tempfile.TemporaryDirectory(prefix="dreamroute-demo-")
         db = Path(tmp.name) / "demo.db"
     console.print(f"[bold]dreamroute demo[/]: {n} arithmetic word problems (1-5 steps) over "
-                  f"{', '.join(settings.tier_names)}; budget {budget} J/request; store {db}")
+                  f"{', '.join(settings.tier_names)}; budget {budget} J/request; store {hide_password(db)}")
     try:
         _run_and_report(settings, f"builtin:arithmetic?n={n}", policy="dreamroute", budget=budget, seed=seed,
                         limit=None, fresh=True, db=db, json_path=json_path, title="demo", max_tokens=320)
@@ -132,7 +145,7 @@ def collect(workload: str = typer.Argument(..., help="Workload to record (as for
             tiers: Optional[list[str]] = typer.Option(None, "--tiers", help="Tiers to run (default: all)."),
             limit: Optional[int] = typer.Option(None, min=0, help="Only the first N items (conversation turns count one each)."),
             out: Path = typer.Option(..., "--out", help="Recorded-outcome JSONL to write (resumable)."),
-            config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
+            config: Optional[Path] = ConfigOpt, db: Optional[str] = DbOpt):
     """Run every chosen tier on every item once and record the outcomes, for replay with `simulate`."""
     from .eval.collect import collect as do_collect
     settings = _settings(config, db)
@@ -153,7 +166,7 @@ def simulate(recorded: Path = typer.Argument(..., help="Recorded outcomes: a col
              budget_fraction: Optional[float] = typer.Option(None, min=0, help="Budget as a fraction of the top tier's mean ATP on this recording (replaces --budget)."),
              seed: int = typer.Option(0), plot: Optional[Path] = typer.Option(None, help="Cost-quality PNG; beside it STEM_spend.png, the running ATP per request against the budget."),
              json_path: Optional[Path] = typer.Option(None, "--json"),
-             config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
+             config: Optional[Path] = ConfigOpt, db: Optional[str] = DbOpt):
     """Replay recorded outcomes through the live router (bandit feedback), with metrics and a curve."""
     from .eval.runner import write_json
     from .eval.simulate import print_simulation, simulate as do_simulate
@@ -189,7 +202,7 @@ def bench(tier: Optional[list[str]] = typer.Option(None, "--tier", help="Tiers t
           kv: bool = typer.Option(False, "--kv", help="Measure the reality cache instead: follow-up TTFT cold vs "
                                   "restored at 500/2000/4000 tokens, warm handoff, bytes per cached token."),
           n_ctx: int = typer.Option(8192, min=512, help="With --kv: context size of the tiers measured."),
-          config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
+          config: Optional[Path] = ConfigOpt, db: Optional[str] = DbOpt):
     """Benchmark each tier (load, TTFT, prefill and decode tokens/s, RSS) and store the ATP calibration.
 
     With --kv, benchmark the reality cache on one tier (--tier, default tactical) and the
@@ -205,7 +218,7 @@ def bench(tier: Optional[list[str]] = typer.Option(None, "--tier", help="Tiers t
         return
     names = tier or [t.name for t in settings.tiers if t.backend != "scripted"]
     rows = []
-    with Store(settings.db_path) as store:
+    with Store(settings.db_path, instance_id=settings.store.instance_id) as store:
         for name in names:
             t = settings.tier(name)
             console.print(f"benchmarking {name} ({t.model}) ...")
@@ -312,7 +325,7 @@ def cache_clear(conversation: Optional[str] = typer.Option(None, help="Only this
 @app.command()
 @_errors
 def trust(json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-          config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
+          config: Optional[Path] = ConfigOpt, db: Optional[str] = DbOpt):
     """Show trust per model version × context."""
     from .eval.report import print_trust
     from .store.store import Store
@@ -323,21 +336,22 @@ def trust(json_out: bool = typer.Option(False, "--json", help="Print JSON instea
     if json_out:
         print(json.dumps(rows, indent=2))
     elif not rows:
-        console.print(f"no trust recorded yet in {settings.db_path}; `dreamroute run` or `demo --db` records some")
+        console.print(f"no trust recorded yet in {settings.db_display}; `dreamroute run` or `demo --db` records some")
     else:
         print_trust(rows, console)
 
 
 @ledger_app.command("verify")
 @_errors
-def ledger_verify(config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
+def ledger_verify(config: Optional[Path] = ConfigOpt, db: Optional[str] = DbOpt):
     """Re-walk the hash chain; exit 1 and name each problem if any entry was edited or removed."""
     from .store.store import Store
     settings = _settings(config, db)
     with _existing_store(settings) as store:
         rep = store.verify_ledger()
     if rep.ok:
-        console.print(f"[green]ledger ok[/]: {rep.entries} entries, chain and trust table agree")
+        console.print(f"[green]ledger ok[/]: {rep.entries} entries in {len(rep.chains)} chain(s), "
+                      "each chain and the trust table agree")
         return
     for p in rep.problems:
         err.print(f"[red]✗[/] {escape(str(p))}")
@@ -348,7 +362,7 @@ def ledger_verify(config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt
 @ledger_app.command("show")
 @_errors
 def ledger_show(limit: int = typer.Option(20, help="Last N entries."),
-                config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
+                config: Optional[Path] = ConfigOpt, db: Optional[str] = DbOpt):
     """Show the last ledger entries."""
     from .store.store import Store
     settings = _settings(config, db)
@@ -367,7 +381,7 @@ def ledger_show(limit: int = typer.Option(20, help="Last N entries."),
 
 @models_app.command("fetch")
 @_errors
-def models_fetch(config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
+def models_fetch(config: Optional[Path] = ConfigOpt, db: Optional[str] = DbOpt):
     """Assemble every llama tier's GGUF from its source and check its sha256."""
     from .registry import fetch_all
     settings = _settings(config, db)
@@ -379,7 +393,7 @@ def models_fetch(config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt)
 @_errors
 def doctor(json_out: bool = typer.Option(False, "--json", help="Print {\"checks\": [...]} as JSON."),
            no_prove: bool = typer.Option(False, "--no-prove", help="Skip running each tier (weights, store and directories only)."),
-           config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
+           config: Optional[Path] = ConfigOpt, db: Optional[str] = DbOpt):
     """Check this host: llama.cpp's build against what the CPU executes, each tier loads and answers, store, directories.
 
     Exit status 1 when a required check fails.

@@ -34,7 +34,7 @@ def dream(ctx: typer.Context,
           json_path: Optional[Path] = typer.Option(None, "--json", help="Write the cycle's report as JSON."),
           sets: Optional[list[str]] = typer.Option(None, "--set", help="A DREAM setting, KEY=VALUE (repeatable; "
                                                    "e.g. --set epochs=1); also `dream:` in the config file."),
-          config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
+          config: Optional[Path] = ConfigOpt, db: Optional[str] = DbOpt):
     """Run one consolidation cycle (or resume the one that was stopped) and print a before/after report."""
     if ctx.invoked_subcommand is not None:
         return
@@ -68,7 +68,7 @@ def dream(ctx: typer.Context,
 @_errors
 def dream_plan(student: str = typer.Option("tactical"), teacher: str = typer.Option("specialized"),
                max_examples: Optional[int] = typer.Option(None, min=1), limit: int = typer.Option(10, help="Items shown."),
-               config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
+               config: Optional[Path] = ConfigOpt, db: Optional[str] = DbOpt):
     """Show the replay set a cycle would use: counts, then the first items of each split."""
     d, store = _dreamer(config, db, student, teacher)
     try:
@@ -88,7 +88,7 @@ def dream_plan(student: str = typer.Option("tactical"), teacher: str = typer.Opt
 @dream_app.command("rollback")
 @_errors
 def dream_rollback(tier: str = typer.Option("tactical", help="Tier whose DREAM version is withdrawn."),
-                   config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
+                   config: Optional[Path] = ConfigOpt, db: Optional[str] = DbOpt):
     """Serve the version the tier's active DREAM version was trained from (ledgered)."""
     from .cli import _existing_store
     from .dream.dream import rollback

@@ -13,7 +13,7 @@ from .config import ServerConfig, Settings
 from .errors import ConfigError
 
 
-def serve_settings(config: Optional[Path], db: Optional[Path], **flags) -> Settings:
+def serve_settings(config: Optional[Path], db: Optional[str], **flags) -> Settings:
     """Settings with the flags given (not None) laid over ``server:`` of the config and the
     environment. Raises ConfigError naming each bad value."""
     settings = _settings(config, db)
@@ -33,7 +33,7 @@ def serve(host: Optional[str] = typer.Option(None, help="Interface to listen on 
           policy: Optional[str] = typer.Option(None, help="Policy of model 'dreamroute': dreamroute | cascade[:T] | ..."),
           api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' "
                                                 "(better: DREAMROUTE_SERVER__API_KEY, not visible in ps)."),
-          config: Optional[Path] = ConfigOpt, db: Optional[Path] = DbOpt):
+          config: Optional[Path] = ConfigOpt, db: Optional[str] = DbOpt):
     """Serve the routed hierarchy as an OpenAI-compatible API: /v1/chat/completions (model: a tier or
     'dreamroute'), /v1/models, /v1/feedback, /v1/trust, /metrics, /health."""
     import uvicorn
@@ -46,5 +46,5 @@ def serve(host: Optional[str] = typer.Option(None, help="Interface to listen on 
     console.print(f"[bold]dreamroute serve[/]: {', '.join(settings.tier_names)} on http://{srv.host}:{srv.port}/v1 "
                   f"(policy {st.dr.policy.name}, budget {srv.budget if srv.budget is not None else 'none'} J/request, "
                   f"auth {'on' if srv.api_key else 'off'}, fast path {'on' if srv.fast_path else 'off'}, "
-                  f"store {settings.db_path})")
+                  f"store {settings.db_display})")
     uvicorn.run(app, host=srv.host, port=srv.port, workers=1, log_level="info")

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .metabolic import MetabolicConfig
 from .errors import ConfigError, UnknownTierError
+from .store.url import hide_password, is_server_url, is_url
 
 CONTEXTS = ("stable", "moving", "unstable", "novel")
 
@@ -73,6 +74,11 @@ class TierConfig(BaseModel):
             OpenAI-compatible server) or ``scripted`` (tests).
         source: weights, for ``llama``.
         base_url / api_key / remote_model: for ``openai``.
+        timeout_s: longest one call may take, s (``openai``: the whole answer, streamed or not).
+        logprobs: ``openai``: ask the server for the generated tokens' logprobs on every call
+            (the router's confidence). False where they are slow: llama-cpp-python's server
+            computes them in Python, several times its decode time; then confidence comes from
+            the answer's format alone, and only a request that asks for logprobs gets them.
         params_b: parameters in billions, used for the ATP estimate before
             ``dreamroute bench`` has calibrated the tier.
         watts: power draw while computing, W (15 on CPU, DESIGN.md).
@@ -80,6 +86,15 @@ class TierConfig(BaseModel):
         lora: a GGUF LoRA adapter served on the base model (``llama`` only), e.g. a DREAM
             cycle's ``adapter.gguf`` evaluated before or without promotion; the tier's
             identity becomes ``<base>+lora:<adapter sha256[:16]>``.
+        max_in_flight: calls on this tier at once (generation, surprise scoring, warm-handoff
+            prefills; see :mod:`dreamroute.router.gate`). None: 1 for ``llama`` (one generation
+            at a time: a llama.cpp model in process is not thread-safe, so more is refused), 8 for
+            ``openai`` (set it to the upstream's parallel slots: llama-server ``--parallel``,
+            Ollama ``OLLAMA_NUM_PARALLEL``, vLLM's batch), 64 for ``scripted`` / ``replay``. A tier
+            with 1 is treated as single-threaded for every use (token counting included).
+        max_queue: calls that may wait for this tier beyond ``max_in_flight``, FIFO; one more is
+            refused at once (the server's 503 ``tier_busy`` with Retry-After), as is one that
+            waited longer than ``server.request_timeout_s``. 0: never wait.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -96,10 +111,23 @@ class TierConfig(BaseModel):
     n_threads: int | None = None
     n_batch: int = Field(512, ge=8)
     timeout_s: float = Field(600.0, gt=0)
+    logprobs: bool = True
     lora: Path | None = None
+    max_in_flight: int | None = Field(None, ge=1)
+    max_queue: int = Field(64, ge=0)
+
+    @property
+    def in_flight(self) -> int:
+        """``max_in_flight``, or the backend's default (see the attribute)."""
+        from .router.gate import default_in_flight  # late: the router imports this module
+        return self.max_in_flight or default_in_flight(self.backend)
 
     @model_validator(mode="after")
     def _backend_fields(self) -> "TierConfig":
+        if self.backend == "llama" and (self.max_in_flight or 1) > 1:
+            raise ValueError(f"tier {self.name!r}: max_in_flight must be 1 for backend 'llama' (a llama.cpp model "
+                             "in process runs one generation at a time); serve it with llama-server "
+                             "--parallel N and backend 'openai' for concurrent calls")
         if self.lora is not None and self.backend != "llama":
             raise ValueError(f"tier {self.name!r}: lora adapters need backend 'llama'")
         if self.backend == "llama" and self.source is None:
@@ -264,8 +292,10 @@ class ServerConfig(BaseModel):
         policy: routing policy of ``model: dreamroute`` (``dreamroute``, ``cascade[:T]`` ...).
         fast_path: answer normalised exact repeats whose answer has a witnessed success
             from the response cache, before the router.
-        request_timeout_s: longest a request waits for the engine (requests are served one at
-            a time) before it is refused with 503; a generation already running is not cut.
+        request_timeout_s: longest a request waits, for a worker and for its tiers' queues
+            (requests run concurrently, each tier with its own ``max_in_flight`` and ``max_queue``),
+            before it is refused with 503 (``server_busy`` / ``tier_busy``, Retry-After); a
+            generation already running is not cut.
         cooldown_s: how long a tier whose backend failed is skipped, s, unless its upstream's
             Retry-After says how long (routed requests fall back to another tier meanwhile;
             ``run`` uses it too; see ``router/faults.py``).
@@ -307,6 +337,34 @@ class ServerConfig(BaseModel):
         return self
 
 
+class StoreConfig(BaseModel):
+    """The store as several routers share it (``store:``; see ``dreamroute.store``).
+
+    Attributes:
+        instance_id: this router's name in the store: its own ledger chain and the instance its
+            experiences are stored under (1-64 characters, not ``legacy``). None (default): a new
+            uuid each time a store is opened (a new chain per process); set it to continue one
+            chain across restarts (two running routers must never share one).
+        sync: keep the in-memory learned state current with what other routers store (a
+            background poll, ``DreamRoute.start_sync``): None (default) = on when ``--db`` is a
+            server URL (PostgreSQL), off for an SQLite file; True/False to force it.
+        sync_interval_s: seconds between two polls of the store (default 1.0).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    instance_id: str | None = Field(None, min_length=1, max_length=64)
+    sync: bool | None = None
+    sync_interval_s: float = Field(1.0, gt=0)
+
+    @field_validator("instance_id")
+    @classmethod
+    def _iid(cls, v: str | None) -> str | None:
+        if v is not None and (v.strip() != v or v == "legacy"):
+            raise ValueError("instance_id must have no surrounding spaces and is not 'legacy' "
+                             "(the chain of entries written before ledger chains)")
+        return v
+
+
 class Settings(BaseSettings):
     """Everything dreamroute is configured with.
 
@@ -322,13 +380,26 @@ class Settings(BaseSettings):
     tiers: list[TierConfig] = Field(default_factory=default_tiers)
     router: RouterConfig = Field(default_factory=RouterConfig)
     data_dir: Path = Field(default_factory=default_data_dir)
-    db: Path | None = None
+    db: Path | str | None = None   # a file path, or an SQLAlchemy URL kept as text (store/url.py)
+    store: StoreConfig = Field(default_factory=lambda: StoreConfig())
     model_cache: Path | None = None
     threads: int | None = Field(None, ge=1)
     cache: CacheConfig = Field(default_factory=lambda: CacheConfig())
     metabolic: MetabolicConfig = Field(default_factory=lambda: MetabolicConfig())
     dream: dict = Field(default_factory=dict)  # DreamConfig fields (dream_config.py validates them)
     server: ServerConfig = Field(default_factory=lambda: ServerConfig())
+
+    @field_validator("db", mode="before")
+    @classmethod
+    def _db(cls, v: object) -> object:
+        """A URL (``scheme://``, ``scheme+driver://``) stays text and is never a file name;
+        anything else is a path (``~`` expanded)."""
+        if v is None or isinstance(v, Path):
+            return v
+        if isinstance(v, str):
+            v = v.strip()
+            return v if is_url(v) else Path(v).expanduser() if v else None
+        return v
 
     @field_validator("tiers")
     @classmethod
@@ -364,9 +435,22 @@ class Settings(BaseSettings):
         return max(16, self.context_tokens - self.server.default_max_tokens)
 
     @property
-    def db_path(self) -> Path:
-        """The SQLite store (``--db`` or ``<data_dir>/dreamroute.db``)."""
+    def db_path(self) -> Path | str:
+        """The store: ``--db`` (a file ``Path``, or an SQLAlchemy URL ``str``) or
+        ``<data_dir>/dreamroute.db``; what ``Store`` opens."""
         return self.db or self.data_dir / "dreamroute.db"
+
+    @property
+    def db_display(self) -> str:
+        """:attr:`db_path` for messages: a URL's password hidden."""
+        return hide_password(self.db_path)
+
+    @property
+    def sync_enabled(self) -> bool:
+        """Whether a router on :attr:`db_path` polls the store for other routers' experiences
+        (``store.sync``; by default only for a server URL, which several routers share).
+        ``DreamRoute.start_sync`` decides the same by the store it actually opened."""
+        return self.store.sync if self.store.sync is not None else is_server_url(self.db_path)
 
     @property
     def models_dir(self) -> Path:

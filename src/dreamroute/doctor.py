@@ -221,16 +221,18 @@ def check_store(settings: Settings) -> Check:
     """The store opens (migrating it to the latest schema if needed) and reports its version."""
     from .store.migrations import latest_version
     from .store.store import Store
-    if not str(settings.db_path).startswith(("postgresql", "mysql")) and not Path(settings.db_path).exists():
-        return Check("store", True, True, f"{settings.db_path}: not created yet (the first run creates it, "
+    from .store.url import is_url
+    name = settings.db_display
+    if not is_url(settings.db_path) and not Path(settings.db_path).exists():
+        return Check("store", True, True, f"{name}: not created yet (the first run creates it, "
                      f"schema version {latest_version()})")
     try:
         with Store(settings.db_path) as st:
             applied = st.applied_migrations
-        return Check("store", True, True, f"{settings.db_path}: schema version {latest_version()}"
+        return Check("store", True, True, f"{name}: schema version {latest_version()}"
                      + (f" (migrated now: {applied})" if applied else ""))
-    except Exception as e:  # StoreError names the problem
-        return Check("store", False, True, f"{settings.db_path}: {e}", "choose another --db or fix the file")
+    except Exception as e:  # StoreError names the problem (a URL's password hidden)
+        return Check("store", False, True, f"{name}: {e}", "choose another --db or fix the file or server")
 
 
 def check_optional() -> list[Check]:

@@ -63,6 +63,7 @@ class GenerationCancelled(DreamrouteError):
     Attributes:
         tier: the tier whose call was stopped (set by the engine; None otherwise).
         atp: ATP spent on the request before it stopped, J (set by the engine).
+        queued: True when it stopped while waiting for a tier's turn (the call never started).
     """
 
     def __init__(self, message: str = "generation cancelled: the client went away", *,
@@ -75,6 +76,7 @@ class GenerationCancelled(DreamrouteError):
         self.seconds = float(seconds)
         self.tier: str | None = None
         self.atp = 0.0
+        self.queued = False
 
 
 class ModelFileError(DreamrouteError):
@@ -127,6 +129,29 @@ class TierCoolingError(TierError):
     @staticmethod
     def _text(tier: str, message: str) -> str:
         return f"tier {tier!r} is cooling down after a failure ({message}); it is not called meanwhile"
+
+
+class TierBusyError(BackendError):
+    """A tier has no room for the call: its queue is full (``max_queue`` waiters behind
+    ``max_in_flight`` calls), or the request waited for it past its deadline.
+
+    Not a failure of the tier: it is not cooled down, no other tier answers instead (a busy
+    escalation keeps the answer it had, a busy audit is dropped), and nothing of the request is
+    recorded as an answer. The server answers 503 ``tier_busy`` with ``Retry-After``.
+
+    Args:
+        tier: the busy tier.
+        why: what is full (the queue, the wait).
+        retry_after_s: when trying again might find room, s (at least 1).
+
+    Attributes:
+        tier / retry_after_s: as given; ``status`` is 503 (an overloaded tier).
+    """
+
+    def __init__(self, tier: str, why: str, *, retry_after_s: float = 1.0):
+        self.tier = tier
+        super().__init__(f"tier {tier!r} is busy: {why}; retry in {retry_after_s:.0f} s",
+                         status=503, retry_after_s=retry_after_s)
 
 
 class NoTierAvailableError(BackendError):

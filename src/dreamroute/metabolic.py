@@ -23,7 +23,7 @@ DESIGN.md's five states, and what each one changes:
   budget, for ``crisis_hold_s`` after the last such request (or until cleared).
 
 The controller only decides; whoever owns the models acts on the returned
-:class:`Action` values (the server: unload under the engine lock, start the
+:class:`Action` values (the server: unload a tier holding its gate, start the
 cycle process). It holds no models and no store, and takes time from ``clock``
 (seconds), so tests drive it with a fake clock.
 

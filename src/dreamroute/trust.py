@@ -123,6 +123,13 @@ class TrustBook:
         self._states[(version_id, context)] = after
         return before, after
 
+    def set_written(self, updates) -> None:
+        """Set each updated (version, context) to what the store wrote: ``TrustUpdate``s after
+        ``Store.record`` / ``record_outcome`` hold the row as the database has it (computed there
+        under the row's lock, so other routers' updates are included)."""
+        for u in updates:
+            self._states[(u.model_version_id, u.context)] = TrustState(u.alpha_after, u.beta_after, u.count_after)
+
     def known(self, version_id: int, context: str) -> bool:
         """Whether (version, context) has a posterior here (observed, or set from the store)."""
         return (version_id, context) in self._states

@@ -183,7 +183,7 @@ class Backend(Protocol):
     def generate(self, messages: list[Message], *, max_tokens: int = 320,
                  temperature: float = 0.0, seed: int = 0, stop: Sequence[str] | None = None,
                  logprobs: bool = False, top_logprobs: int = 0, response_format: dict | None = None,
-                 cancel: CancelCheck | None = None) -> Generation:
+                 cancel: CancelCheck | None = None, on_text: Callable[[str], None] | None = None) -> Generation:
         """Answer a chat.
 
         Args:
@@ -192,6 +192,12 @@ class Backend(Protocol):
             cancel: polled before the call starts and between generated tokens; when it
                 returns True the call stops within a token and raises
                 :class:`~dreamroute.errors.GenerationCancelled` (with what it had done).
+            on_text: called (in the calling thread) with each new piece of text as it is
+                generated; the pieces join to the returned ``text``, and no text a stop string
+                later removes is ever sent (a tail as long as the longest stop string is held
+                back: :class:`~dreamroute.backends.options.TextEmitter`). A backend that cannot
+                stream calls it once with the whole text. A call that fails or is cancelled
+                may have sent part of its text first.
 
         Raises:
             BackendError: the backend failed.

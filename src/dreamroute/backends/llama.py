@@ -39,7 +39,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -48,7 +48,7 @@ from ..errors import BackendError, GenerationCancelled
 from ..registry import sha256_file
 from .base import CancelCheck, Generation, Message, TokenLogprob, common_prefix
 from .llama_state import LlamaKVState
-from .options import check_options, earliest_stop, llama_grammar, log_softmax_top, trim_details
+from .options import TextEmitter, check_options, earliest_stop, llama_grammar, log_softmax_top, trim_details
 from .threads import CoreShare
 
 SCORE_CHUNK = 64
@@ -272,7 +272,7 @@ class LlamaBackend(LlamaKVState):
     def generate(self, messages: list[Message], *, max_tokens: int = 320,
                  temperature: float = 0.0, seed: int = 0, stop: Sequence[str] | None = None,
                  logprobs: bool = False, top_logprobs: int = 0, response_format: dict | None = None,
-                 cancel: CancelCheck | None = None) -> Generation:
+                 cancel: CancelCheck | None = None, on_text: Callable[[str], None] | None = None) -> Generation:
         """Answer a chat as ``create_chat_completion`` would (greedy at temperature 0).
 
         ``stop`` strings join the template's (the text ends before the earliest one);
@@ -280,7 +280,9 @@ class LlamaBackend(LlamaKVState):
         likely tokens from the same logits row; a JSON ``response_format`` constrains sampling
         with a llama.cpp grammar (llama-cpp-python's JSON grammar, or its grammar of the JSON
         Schema), as ``create_chat_completion(response_format=...)`` does. ``cancel`` is polled
-        before the prompt is evaluated and after each sampled token.
+        before the prompt is evaluated and after each sampled token. ``on_text`` gets the text as
+        it is decoded (:class:`~.options.TextEmitter` over the UTF-8 bytes: a tail as long as the
+        longest stop string, the template's included, is held back until it cannot be one).
 
         Returns:
             :class:`Generation`; ``token_logprobs`` has one natural-log probability
@@ -305,6 +307,7 @@ class LlamaBackend(LlamaKVState):
         if max_tokens is None or max_tokens <= 0 or max_tokens + len(tokens) >= n_ctx:
             max_tokens = n_ctx - len(tokens)
         stop_bytes = [s.encode("utf-8") for s in (*stops, *opts.stop)]
+        emit = TextEmitter(on_text, stop_bytes, raw=True)
         completion: list[int] = []
         lps: list[float] = []
         details: list[TokenLogprob] = []
@@ -345,6 +348,7 @@ class LlamaBackend(LlamaKVState):
                 if (cut := earliest_stop(all_text, stop_bytes)) is not None:
                     text, finish = all_text[:cut], "stop"
                     break
+                emit.update(all_text)
                 if len(completion) >= max_tokens:
                     text = all_text
                     break
@@ -367,6 +371,7 @@ class LlamaBackend(LlamaKVState):
         if cancelled:
             raise GenerationCancelled(prompt_tokens=len(tokens), completion_tokens=len(completion),
                                       cached_tokens=max(cached, 0), seconds=t_end - t0)
+        emit.finish(text)
         return Generation(
             text=text.decode("utf-8", errors="ignore"), prompt_tokens=len(tokens),
             completion_tokens=len(completion), token_logprobs=lps,

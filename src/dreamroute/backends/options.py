@@ -11,13 +11,16 @@ options, stop strings, token details, JSON checks and the cancel check.
 * :func:`json_problem` says why a text is not what a JSON ``response_format`` asks for (a backend
   that cannot constrain its decoding checks its answer with it; tests check any backend's).
 * :func:`llama_grammar` builds the llama.cpp grammar of a JSON ``response_format``.
+* :class:`TextEmitter` feeds a ``generate(on_text=...)`` callback the text as it is generated,
+  holding back what a stop string may still remove.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -78,6 +81,53 @@ def earliest_stop(text, stops: Sequence) -> int | None:
     or None when none occurs."""
     found = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(found) if found else None
+
+
+class TextEmitter:
+    """Streams a generation's text to ``on_text`` as it grows, never sending what a stop string
+    may still cut off: the last ``len(longest stop) - 1`` characters (bytes) stay held back until
+    more text shows they are not the start of one, and nothing from a stop string's start on is
+    ever sent. Every piece sent is a prefix-extension of the ones before, so the pieces join to
+    the final text (:meth:`finish` sends the rest).
+
+    Args:
+        on_text: called with each new piece (a non-empty str); None: a no-op emitter.
+        stops: the stop strings in force (str, or bytes with ``raw``), the chat template's included.
+        raw: the text is given as UTF-8 bytes (llama.cpp); pieces are decoded incrementally, a
+            character split across tokens sent once whole (invalid bytes dropped, as
+            ``bytes.decode(errors="ignore")`` drops them).
+    """
+
+    def __init__(self, on_text: Callable[[str], None] | None, stops: Sequence = (), *, raw: bool = False):
+        self.on_text = on_text
+        self.stops = list(stops)
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.raw = raw
+        self.sent = 0   # characters (bytes with raw) of the text already sent
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore") if raw else None
+
+    def _send(self, chunk, final: bool = False) -> None:
+        piece = self._decoder.decode(chunk, final) if self.raw else chunk
+        if piece:
+            self.on_text(piece)
+
+    def update(self, text) -> None:
+        """The whole text generated so far (str, or bytes with ``raw``): send what is safe now."""
+        if self.on_text is None:
+            return
+        cut = earliest_stop(text, self.stops) if self.stops else None
+        safe = cut if cut is not None else len(text) - self.hold
+        if safe > self.sent:
+            self._send(text[self.sent:safe])
+            self.sent = safe
+
+    def finish(self, text) -> None:
+        """The final text (after any stop string cut it): send the rest of it."""
+        if self.on_text is None:
+            return
+        rest = text[self.sent:] if len(text) > self.sent else text[:0]
+        self.sent = max(self.sent, len(text))
+        self._send(rest, final=True)
 
 
 def trim_details(details: list[TokenLogprob], n_bytes: int) -> list[TokenLogprob]:

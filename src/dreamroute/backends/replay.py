@@ -36,7 +36,7 @@ have no prefix cache: ``cached_tokens`` is 0.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..errors import BackendError, OptionError
 from .base import CancelCheck, Generation, Message
@@ -136,7 +136,7 @@ class ReplayBackend:
     def generate(self, messages: list[Message], *, max_tokens: int = 320,
                  temperature: float = 0.0, seed: int = 0, stop: Sequence[str] | None = None,
                  logprobs: bool = False, top_logprobs: int = 0, response_format: dict | None = None,
-                 cancel: CancelCheck | None = None) -> Generation:
+                 cancel: CancelCheck | None = None, on_text: Callable[[str], None] | None = None) -> Generation:
         """The selected item's recorded response of this tier.
 
         Temperature and seed are ignored (a recording has one answer);
@@ -144,7 +144,8 @@ class ReplayBackend:
         ``max_tokens``. A recording was made without stop strings, per-token logprobs
         or a JSON mode, and its token counts and grade belong to that answer, so asking
         for any of them is refused rather than faked. ``cancel`` is checked once, before
-        answering (a replayed answer takes no time).
+        answering (a replayed answer takes no time); ``on_text`` gets the recorded text in one
+        piece.
 
         Raises:
             BackendError: no item selected, or the last user message is not the
@@ -178,6 +179,8 @@ class ReplayBackend:
         if fixed and rc.atp_joules is not None:
             extra["atp_joules"] = float(rc.atp_joules)
         finish = "length" if rc.completion_tokens is not None and max_tokens and ct >= max_tokens else "stop"
+        if on_text is not None and rc.response:
+            on_text(rc.response)
         return Generation(text=rc.response or "", prompt_tokens=pt, completion_tokens=ct, token_logprobs=None,
                           prefill_s=0.0, decode_s=float(rc.seconds or 0.0), finish_reason=finish,
                           cached_tokens=0, model=self.identity, extra=extra)

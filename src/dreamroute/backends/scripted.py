@@ -23,7 +23,7 @@ from typing import Callable, Sequence, Union
 
 from ..errors import BackendError
 from .base import CancelCheck, Generation, Message, TokenLogprob, common_prefix
-from .options import cancel_now, check_options, earliest_stop, json_problem, trim_details
+from .options import TextEmitter, cancel_now, check_options, earliest_stop, json_problem, trim_details
 
 Script = Union[Callable[[list[Message]], str], dict[str, str], Sequence[str]]
 LogprobRule = Union[float, Callable[[str, int], float]]
@@ -140,14 +140,16 @@ class ScriptedBackend:
     def generate(self, messages: list[Message], *, max_tokens: int = 320,
                  temperature: float = 0.0, seed: int = 0, stop: Sequence[str] | None = None,
                  logprobs: bool = False, top_logprobs: int = 0, response_format: dict | None = None,
-                 cancel: CancelCheck | None = None) -> Generation:
+                 cancel: CancelCheck | None = None, on_text: Callable[[str], None] | None = None) -> Generation:
         """Answer from the script (temperature and seed are ignored: always deterministic).
 
         The answer is generated word by word: cut to ``max_tokens`` whitespace tokens
         (``finish_reason`` ``"length"``), or before the earliest ``stop`` string once the words
         so far contain one (``"stop"``; the word that completed it counts as generated).
         Seconds are per-token rates × counts (slept too with ``realtime``). Options are
-        honoured as the module docstring says.
+        honoured as the module docstring says. ``on_text`` gets the text word by word as it is
+        generated (:class:`~dreamroute.backends.options.TextEmitter`; with a JSON
+        ``response_format``, whole once the answer has been checked).
 
         Raises:
             BackendError: the script has no answer, the logprob rule gives a value > 0, or the
@@ -166,6 +168,7 @@ class ScriptedBackend:
         if self.realtime:
             time.sleep((len(prompt) - cached) * self.prefill_s_per_token)
         words, lps, finish, text = [], [], "stop", None
+        emit = TextEmitter(on_text, opts.stop)
         limit = max_tokens if max_tokens is not None and max_tokens > 0 else None
         for w in whitespace_tokens(answer):
             if limit is not None and len(words) >= limit:
@@ -180,12 +183,15 @@ class ScriptedBackend:
             if opts.stop and (cut := earliest_stop(" ".join(words), opts.stop)) is not None:
                 text = " ".join(words)[:cut]
                 break
+            if not opts.json_mode:
+                emit.update(" ".join(words))
         full = " ".join(words)
         text = full if text is None else text
         if (problem := json_problem(text, opts.response_format)) is not None:
             raise BackendError(f"scripted backend {self.identity!r}: its scripted answer is {problem}, not what "
                                f"response_format {opts.response_format.get('type')!r} asks for (a script cannot "
                                "be constrained; script a JSON answer)")
+        emit.finish(text)
         details = None
         if opts.logprobs:
             details = trim_details([self._detail(w, i, lp, opts.top_logprobs) for i, (w, lp)

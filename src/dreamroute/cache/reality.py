@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,7 +201,7 @@ class RealityCache:
         meta = json.dumps({"identity": identity, "conversation": conversation, "tier": tier,
                            "n_tokens": int(n_tokens), "n_prompt": int(n_prompt),
                            "state_bytes": len(state), "created": time.time()}).encode()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # one per writer
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:

@@ -6,10 +6,15 @@ the protocol (``prompt_tokens``, ``held_tokens``, ``state_tokens``,
 server, a recording) raises BackendError there, and its tier simply gets no
 reuse. Every cache failure (damaged or foreign file, full disk) is recorded in
 :attr:`ConversationKV.errors` and costs only the prefill it would have saved.
+
+Threads: restores and saves of different tiers may run at once (each inside its tier's gate);
+the counters and errors take a lock of their own; the warm-handoff queue (``pending``) is the
+engine's, changed under ``Engine.state``.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -63,10 +68,12 @@ class ConversationKV:
         self.errors: list[str] = []
         self.pending: list[Prefill] = []
         self.counts = {"hits": 0, "misses": 0, "saved": 0, "restored_tokens": 0}
+        self._lock = threading.Lock()
 
     def _error(self, msg: str) -> None:
-        self.errors.append(msg)
-        del self.errors[:-100]
+        with self._lock:
+            self.errors.append(msg)
+            del self.errors[:-100]
 
     def restore(self, tier: str, backend, conversation: str, messages: list[Message]) -> Restore:
         """Make ``backend`` hold the longest valid prefix of this conversation, if any.
@@ -104,13 +111,32 @@ class ConversationKV:
             return self._miss(tier, str(e), t0)
         return self._hit(tier, p, "disk", t0)
 
+    def hold(self, tier: str, backend, conversation: str, messages: list[Message], restored: dict) -> None:
+        """Inside the tier's gate, before a call: make ``backend`` hold the conversation, via
+        :meth:`restore`, unless ``restored`` (tier → this request's :class:`Restore`) has one for
+        the tier already (made while scoring surprise) and the backend still holds what it
+        restored; another request may have used the tier since, and then it is restored again
+        (``restored[tier]`` becomes the new one)."""
+        r = restored.get(tier)
+        if r is not None:
+            if not r.hit:
+                return
+            try:
+                if common_prefix(backend.held_tokens(), backend.prompt_tokens(messages)) >= r.tokens:
+                    return
+            except BackendError:
+                return
+        restored[tier] = self.restore(tier, backend, conversation, messages)
+
     def _hit(self, tier: str, tokens: int, source: str, t0: float) -> Restore:
-        self.counts["hits"] += 1
-        self.counts["restored_tokens"] += tokens
+        with self._lock:
+            self.counts["hits"] += 1
+            self.counts["restored_tokens"] += tokens
         return Restore(tier, True, tokens, source, None, time.perf_counter() - t0)
 
     def _miss(self, tier: str, reason: str, t0: float) -> Restore:
-        self.counts["misses"] += 1
+        with self._lock:
+            self.counts["misses"] += 1
         return Restore(tier, False, 0, None, reason, time.perf_counter() - t0)
 
     def save(self, tier: str, backend, conversation: str, n_prompt: int) -> int | None:
@@ -130,7 +156,8 @@ class ConversationKV:
         except (BackendError, CacheError) as e:
             self._error(str(e))
             return None
-        self.counts["saved"] += 1
+        with self._lock:
+            self.counts["saved"] += 1
         return settled
 
     # ------------------------------------------------------------------ warm handoff

@@ -160,7 +160,7 @@ def collect(settings: Settings, spec: str, *, tiers: list[str] | None = None, li
     positions = {it.key: i for i, it in enumerate(items)}
     per_tier = {t: {"written": 0, "correct": 0} for t in chosen}
     out.parent.mkdir(parents=True, exist_ok=True)
-    store = Store(settings.db_path)
+    store = Store(settings.db_path, instance_id=settings.store.instance_id)
     try:
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("acc {task.fields[acc]}"), TimeElapsedColumn(), TimeRemainingColumn(),

@@ -99,13 +99,14 @@ def run_workload(settings: Settings, spec: str, *, policy: str = "dreamroute", b
     if not items and error is None:
         raise WorkloadError(f"workload {spec} has no items; give a file with at least one record")
     digest = workload_digest(items)
-    store = Store(db or settings.db_path)
+    store = Store(db or settings.db_path, instance_id=settings.store.instance_id)
     try:
         run_id = store.start_run(str(spec), digest, policy_key(policy, budget), seed, budget, fresh=fresh)
         done = store.graded_items(run_id)
         dr = DreamRoute(settings, policy=policy, budget=budget, seed=seed + len(done), backends=backends,
                         store=store, run_id=run_id, cooldown_s=settings.server.cooldown_s)
         _restore_pacing(dr, store, run_id)
+        dr.start_sync()  # learn from other routers sharing the store meanwhile (store.sync: on for PostgreSQL)
         todo = [it for it in items if it.key not in done]
         overhead: list[float] = []
         failed: list[dict] = []
@@ -152,6 +153,7 @@ def run_workload(settings: Settings, spec: str, *, policy: str = "dreamroute", b
                                       f"({ans.decision.context}) {ans.atp:.1f} J, accuracy so far "
                                       f"{right}/{graded}", highlight=False)
         finally:
+            dr.stop_sync()
             for b in dr.backends.values():
                 b.close()
         store.finish_run(run_id)

@@ -31,24 +31,36 @@ an answer shaped by stop strings or a JSON mode is stored without a fast-path ke
 ``Request.cancel`` is polled by the backends: a GenerationCancelled (not a backend failure:
 no fallback, no cooldown) ends the request with nothing learned or stored as an answer, its
 ATP charged to the budget and recorded as ``background_work`` kind ``cancelled``.
+
+Concurrency (:mod:`dreamroute.router.gate`): ``answer`` / ``learn`` / ``idle`` may run in many
+threads at once. A request's own state (restores, timings, its fault plan) is kept per thread. The
+learned state (memory, index, pacer, policy and its RNG, trust, response cache, cooldown, metabolic
+controller, warm-handoff queue) is guarded by one re-entrant lock, :attr:`Engine.state`, held to
+decide and to learn, never while a backend call runs. Every backend call (generate, surprise
+scoring, a warm-handoff prefill) goes through its tier's gate; a full queue or a wait past
+``Request.queue_timeout_s`` raises TierBusyError (no cooldown or fallback; a busy escalation keeps
+the answer it had, a busy audit is dropped). A turn's KV restore, generation and save happen in one
+gate turn. ``Request.on_text`` streams a pinned request's text as it is generated.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from typing import Callable
 
 from ..backends.base import Backend
 from ..cache.response import ResponseCache, fastpath_key
-from ..cache.reuse import ConversationKV, Prefill, Restore
-from ..errors import BackendError, GenerationCancelled, RequestError, UnknownTierError
+from ..cache.reuse import ConversationKV, Prefill
+from ..errors import BackendError, GenerationCancelled, RequestError, TierBusyError, UnknownTierError
 from ..eval.graders import get_grader
 from ..signals import Signals, classify_context, drift, instability, novelty, snarc
 from ..store.store import TrustUpdate
 from .memory import OUTCOME_VALUE, BudgetPacer, Memory
 from .cooldown import Cooldown
 from .faults import Faults
+from .gate import RequestState, TierGate, gated
 from .policies import AlwaysPolicy, Policy, RouteView
 from .types import Answer, Call, FailedCall, Outcome, Request
 
@@ -91,8 +103,14 @@ class Engine:
         responses: the fast path's response cache, kept current here (None: none).
         cooldown_s: fall back from a failing backend and skip its tier this long, s
             (None: a backend failure fails the request; an upstream's Retry-After still cools it).
+        gates: tier → :class:`~dreamroute.router.gate.TierGate` (None: one call at a time per
+            tier, a queue of 64; ``DreamRoute`` builds them from each tier's ``max_in_flight`` and
+            ``max_queue``).
 
     Attributes:
+        state: the re-entrant lock of the learned state (see the module docstring); code outside
+            the engine that reads or changes memory, pacer, trust or policy takes it too.
+        gates: tier → its gate.
         cooldown: the :class:`Cooldown` of failing tiers.
         faults: the :class:`~dreamroute.router.faults.Faults` rules (fallback, budget, records).
         on_failure: called with each :class:`FailedCall` (the server counts them).
@@ -101,8 +119,11 @@ class Engine:
     def __init__(self, tiers, backends: dict[str, Backend], store, memory: Memory, policy: Policy,
                  pacer: BudgetPacer, run_id: int | None = None, kv: ConversationKV | None = None,
                  handoff: bool = True, responses: ResponseCache | None = None,
-                 cooldown_s: float | None = None):
+                 cooldown_s: float | None = None, gates: dict[str, TierGate] | None = None):
         self.tiers = list(tiers)
+        self.state = threading.RLock()
+        self.gates = gates if gates is not None else {t: TierGate(t, 1, 64) for t in self.tiers}
+        self._local = threading.local()  # the current request of each thread (see _run)
         self.backends = backends
         self.store = store
         self.memory = memory
@@ -112,7 +133,6 @@ class Engine:
         self.config = memory.config
         self.kv = kv
         self.handoff = handoff
-        self._restored: dict[str, Restore] = {}
         self.responses = responses
         self.cooldown = Cooldown(self.tiers, cooldown_s)
         self.on_failure: Callable[[FailedCall], None] | None = None
@@ -126,26 +146,43 @@ class Engine:
         return self.policy if request.tier is None else self._always(request.tier)
 
     def _always(self, tier: str) -> Policy:
-        if tier not in self._forced:
-            self._forced[tier] = AlwaysPolicy(self.tiers, tier)
-        return self._forced[tier]
+        with self.state:
+            if tier not in self._forced:
+                self._forced[tier] = AlwaysPolicy(self.tiers, tier)
+            return self._forced[tier]
+
+    # ---- the current request and the tier gates --------------------------------------
+    @property
+    def _run(self) -> RequestState:
+        """This thread's request: its restores, timings, deadline (set by :meth:`answer`)."""
+        run = getattr(self._local, "run", None)
+        if run is None:
+            run = self._local.run = RequestState()
+        return run
+
+    def _gate(self, tier: str, request: Request):
+        """``with self._gate(tier, request):`` one call on ``tier`` in its turn (:func:`gated`)."""
+        return gated(self.gates[tier], self._run, request.cancel)
 
     # ---- deciding and calling --------------------------------------------------------
     def _signals(self, request: Request, vec, hood, policy: Policy) -> tuple[Signals, float, float, str | None]:
-        """Signals, the ATP of surprise scoring (J), its model seconds, and the tier that scored it."""
-        if request.conversation_id:  # after a restart: its serving tier and last turn, from the store
-            self.memory.recall_conversation(self.store, request.conversation_id)
-        prev = self.memory.conversations.get(request.conversation_id) if request.conversation_id else None
-        n = novelty(hood.sims)
-        u = instability(self.memory.index.outcome[hood.rows_all]) if len(hood.rows_all) else 0.0
-        d = drift(vec, prev)
+        """Signals, the ATP of surprise scoring (J), its model seconds, and the tier that scored it.
+        Takes the state lock, but not while scoring surprise."""
+        with self.state:
+            if request.conversation_id:  # after a restart: its serving tier and last turn, from the store
+                self.memory.recall_conversation(self.store, request.conversation_id)
+            prev = self.memory.conversations.get(request.conversation_id) if request.conversation_id else None
+            n = novelty(hood.sims)
+            u = instability(self.memory.index.outcome[hood.rows_all]) if len(hood.rows_all) else 0.0
+            d = drift(vec, prev)
         surprise, z, atp, secs, tier = None, None, 0.0, 0.0, None
         follow_up = self._follow_up(request)
         if self.config.surprise and (follow_up or getattr(policy, "needs_surprise", False)):
             # a follow-up's surprise comes with the prefill its serving tier needs anyway
             surprise, atp, secs, tier = self._surprise(request)
             if surprise is not None:
-                z = self.memory.surprise[tier].z(surprise)
+                with self.state:
+                    z = self.memory.surprise[tier].z(surprise)
         return Signals(n, d, u, surprise, z, classify_context(n, u, d, z, self.config)), atp, secs, tier
 
     def _follow_up(self, request: Request) -> bool:
@@ -163,25 +200,33 @@ class Engine:
         without prompt logprobs, a recorded source) gives None: missing, not zero; so
         does a tier that is cooling down (it is not called), and one that times out or
         whose upstream refuses as overloaded (429/503, Retry-After) is cooled and its
-        failure recorded.
+        failure recorded. A tier whose queue is full (TierBusyError) is not waited for: missing.
+        Seconds and CPU time are those of the scoring, not of waiting for the tier's turn.
         """
         tier = self.tiers[0]
         conv = request.conversation_id
         follow_up = self._follow_up(request)
         if follow_up:
             tier = self.memory.serving.get(conv, tier)
+        run = self._run
         t0, c0 = time.perf_counter(), time.thread_time()
-        lps = None
+        lps, secs, cpu = None, 0.0, 0.0
         if self.cooldown.cooling(tier) == 0:
             try:
-                if follow_up:
-                    self._restored[tier] = self.kv.restore(tier, self.backends[tier], conv, request.messages)
-                lps = self.backends[tier].score(request.messages, new_only=follow_up)
-            except (BackendError, TimeoutError) as e:
+                with self._gate(tier, request):
+                    t0, c0 = time.perf_counter(), time.thread_time()
+                    try:
+                        if follow_up:
+                            run.restored[tier] = self.kv.restore(tier, self.backends[tier], conv, request.messages)
+                        lps = self.backends[tier].score(request.messages, new_only=follow_up)
+                    finally:
+                        secs, cpu = time.perf_counter() - t0, time.thread_time() - c0
+            except TierBusyError:
+                pass  # the scoring tier is saturated: surprise is missing, the request goes on
+            except (BackendError, TimeoutError) as e:  # recorded outside the gate (it takes the state lock)
                 if isinstance(e, TimeoutError) or e.overloaded:
-                    self.faults.record(tier, "surprise", request, e, time.perf_counter() - t0)
-        secs = time.perf_counter() - t0
-        self._surprise_cpu_s = time.thread_time() - c0
+                    self.faults.record(tier, "surprise", request, e, secs)
+        run.surprise_cpu_s = cpu
         if not lps:
             return None, 0.0, secs, tier
         atp = self.memory.costs[tier].joules(len(lps) + 1, 0)  # the first token, or the one re-read
@@ -193,18 +238,21 @@ class Engine:
         except KeyError:
             raise UnknownTierError(tier, self.tiers) from None
         conv = request.conversation_id if self.kv is not None else None
-        if conv and tier not in self._restored:
-            self._restored[tier] = self.kv.restore(tier, backend, conv, request.messages)
         kw = request.options.kwargs()
         if request.cancel is not None:
             kw["cancel"] = request.cancel
-        try:
-            gen = backend.generate(request.messages, max_tokens=request.max_tokens, **kw)
-        except GenerationCancelled as e:  # what the stopped call had done is charged (_cancelled)
-            e.tier = tier
-            e.atp = self.memory.costs[tier].joules(e.prompt_tokens, e.completion_tokens, e.cached_tokens)
-            raise
-        settled = self.kv.save(tier, backend, conv, gen.prompt_tokens) if conv else None
+        if request.on_text is not None and request.tier is not None:
+            kw["on_text"] = request.on_text  # a pinned request: its one call is its answer
+        with self._gate(tier, request):  # restore, generate and save within one turn of the tier
+            if conv:  # restored here, or again if another call used the tier since surprise scoring
+                self.kv.hold(tier, backend, conv, request.messages, self._run.restored)
+            try:
+                gen = backend.generate(request.messages, max_tokens=request.max_tokens, **kw)
+            except GenerationCancelled as e:  # what the stopped call had done is charged (_cancelled)
+                e.tier = tier
+                e.atp = self.memory.costs[tier].joules(e.prompt_tokens, e.completion_tokens, e.cached_tokens)
+                raise
+            settled = self.kv.save(tier, backend, conv, gen.prompt_tokens) if conv else None
         cost = self.memory.costs[tier]
         if gen.prompt_tokens or gen.completion_tokens:
             atp = cost.joules(gen.prompt_tokens, gen.completion_tokens, gen.cached_tokens)
@@ -228,58 +276,68 @@ class Engine:
     def answer(self, request: Request) -> Answer:
         """Route and answer one request (no outcome is judged here).
 
-        Raises RequestError for a request with no user text or max_tokens < 1.
+        Raises RequestError for a request with no user text or max_tokens < 1; TierBusyError when
+        its first tier has no room (queue full, or waited past ``request.queue_timeout_s``).
+        Safe to call from many threads at once (see the module docstring).
         """
         if not request.prompt.strip():
             raise RequestError("the request has no user message text; send a non-empty prompt")
         if request.max_tokens < 1:
             raise RequestError(f"max_tokens must be >= 1, got {request.max_tokens}")
         t0, c0 = time.perf_counter(), time.thread_time()
-        self._surprise_cpu_s = 0.0
-        self._restored = {}
+        run = self._local.run = RequestState(request.queue_timeout_s)
         self.faults.begin()
         policy = self.policy_for(request)
         vec = self.memory.encoder.encode(request.prompt)
-        hood = self.memory.neighbourhood(vec)
+        with self.state:
+            hood = self.memory.neighbourhood(vec)
         signals, surprise_atp, surprise_s, surprise_tier = self._signals(request, vec, hood, policy)
-        knobs = self._knobs(request, signals)
-        crisis = knobs is not None and knobs.force_tier is not None
-        if crisis and request.tier is None:
-            policy = self._always(knobs.force_tier)  # CRISIS: the top tier, whatever the budget
-        view = RouteView(signals, hood, self.memory, self.pacer,
-                         sum(len(m.get("content", "")) for m in request.messages), request.prompt,
-                         available=self.cooldown.available(),
-                         lam_scale=knobs.lam_scale if knobs is not None else 1.0,
-                         quality_floor=knobs.quality_floor if knobs is not None else None)
-        decision = policy.route(request, view)
+        with self.state:
+            knobs = self._knobs(request, signals)
+            crisis = knobs is not None and knobs.force_tier is not None
+            if crisis and request.tier is None:
+                policy = self._always(knobs.force_tier)  # CRISIS: the top tier, whatever the budget
+            view = RouteView(signals, hood, self.memory, self.pacer,
+                             sum(len(m.get("content", "")) for m in request.messages), request.prompt,
+                             available=self.cooldown.available(),
+                             lam_scale=knobs.lam_scale if knobs is not None else 1.0,
+                             quality_floor=knobs.quality_floor if knobs is not None else None)
+            decision = policy.route(request, view)
         t1, c1 = time.perf_counter(), time.thread_time()
-        decision.overhead_ms = ((t1 - t0) - surprise_s) * 1e3
-        decision.overhead_cpu_ms = ((c1 - c0) - self._surprise_cpu_s) * 1e3
+        decision.overhead_ms = ((t1 - t0) - surprise_s - run.wait_s) * 1e3
+        decision.overhead_cpu_ms = ((c1 - c0) - run.surprise_cpu_s) * 1e3
         calls: list[Call] = []
         pinned = request.tier is not None or (isinstance(policy, AlwaysPolicy) and not crisis)
         self.faults.plan(pinned=pinned, crisis=crisis, spent=lambda: surprise_atp + sum(c.atp for c in calls),
                          expected=lambda t: decision.expected_atp.get(t) if t in decision.expected_atp else
                          self.memory.expected_atp(hood, t, view.prompt_chars, request.max_tokens))
+
+        def escalation() -> str | None:
+            with self.state:
+                view.available = self.cooldown.available()  # a tier that failed meanwhile is not escalated to
+                return policy.escalate(decision, calls[-1], view)
+
         try:
             calls.append(self._call_or_fall_back(decision.tier, "chosen", request))
-            view.available = self.cooldown.available()  # a tier that failed meanwhile is not escalated to
-            while (nxt := policy.escalate(decision, calls[-1], view)) is not None:
+            while (nxt := escalation()) is not None:
                 if (call := self._call_or_fall_back(nxt, "escalated", request)) is None:
                     break
                 calls.append(call)
             final = calls[-1]
             up = self.tiers.index(final.tier) + 1
-            if decision.audit and up < len(self.tiers) and self.pacer.allows(sum(c.atp for c in calls)):
-                if (call := self._call_or_fall_back(self.tiers[up], "audit", request)) is not None:
-                    calls.append(call)
+            with self.state:
+                audit = decision.audit and up < len(self.tiers) and self.pacer.allows(sum(c.atp for c in calls))
+            if audit and (call := self._call_or_fall_back(self.tiers[up], "audit", request)) is not None:
+                calls.append(call)
         except GenerationCancelled as e:
             self._cancelled(e, request, surprise_atp + sum(c.atp for c in calls), decision.tier)
             raise
         answer = Answer(request, decision, calls, surprise_atp, surprise_tier=surprise_tier,
-                        surprise_s=surprise_s, kv=dict(self._restored), failures=list(self.faults.failures))
+                        surprise_s=surprise_s, kv=dict(run.restored), failures=list(self.faults.failures))
         if knobs is not None:
             answer.metabolic_state = knobs.state.value
-            self.metabolic.on_answer(answer.atp)
+            with self.state:
+                self.metabolic.on_answer(answer.atp)
         answer._vec, answer._policy = vec, policy  # kept for learn()
         return answer
 
@@ -287,11 +345,15 @@ class Engine:
         """A request stopped by its cancel check: nothing of it is an answer (no experience, trust
         or ledger entry), but the ATP it spent (surprise scoring, the calls that finished, the
         stopped call's tokens so far) is charged to the budget and recorded as background work
-        of kind ``cancelled``; ``e.atp`` becomes that total, J."""
+        of kind ``cancelled``; ``e.atp`` becomes that total, J. A request that left while waiting
+        for its first tier's turn, having spent nothing, never ran: nothing is recorded."""
         e.atp += spent
-        self.pacer.charge(e.atp)
-        if self.metabolic is not None:
-            self.metabolic.on_background(e.atp)
+        if e.queued and e.atp == 0 and e.prompt_tokens + e.completion_tokens == 0:
+            return
+        with self.state:
+            self.pacer.charge(e.atp)
+            if self.metabolic is not None:
+                self.metabolic.on_background(e.atp)
         self.store.record_background("cancelled", e.tier or tier, e.prompt_tokens + e.completion_tokens, e.atp,
                                      e.seconds, model_version_id=self.memory.versions.get(e.tier or tier),
                                      conversation_id=request.conversation_id, run_id=self.run_id)
@@ -327,7 +389,12 @@ class Engine:
         return out
 
     def learn(self, answer: Answer, outcomes: list[Outcome]) -> list[int]:
-        """Write experiences, trust updates and ledger entries (one transaction), then update memory."""
+        """Write experiences, trust updates and ledger entries (one transaction), then update memory;
+        all under the state lock (one request's learning at a time)."""
+        with self.state:
+            return self._learn(answer, outcomes)
+
+    def _learn(self, answer: Answer, outcomes: list[Outcome]) -> list[int]:
         req, dec = answer.request, answer.decision
         calls = answer.calls
         conflict = 0.0
@@ -357,7 +424,8 @@ class Engine:
                 before, after = self.memory.trust.observe(c.model_version_id, dec.context, o.reward)
                 updates.append(TrustUpdate(c.model_version_id, dec.context, before.alpha, before.beta,
                                            after.alpha, after.beta, after.count, [o.witness],
-                                           f"{c.role} {o.outcome}", i, reward=o.reward))
+                                           f"{c.role} {o.outcome}", i, reward=o.reward, op="observe",
+                                           gamma=self.memory.trust.gamma, prior=self.memory.trust.prior))
                 pending.append((c.model_version_id, dec.context, before))
         try:
             ids = self.store.record(exps, updates)
@@ -365,6 +433,7 @@ class Engine:
             for vid, ctx, before in pending:  # keep memory equal to the store
                 self.memory.trust.set(vid, ctx, before)
             raise
+        self.memory.trust.set_written(updates)  # the rows as the store computed them (other routers' included)
         self._remember(answer, outcomes, ids)
         self.pacer.update(answer.atp)
         (getattr(answer, "_policy", None) or self.policy_for(req)).update(dec, answer, outcomes)
@@ -409,26 +478,41 @@ class Engine:
         self.kv.schedule(Prefill(self.tiers[up], answer.request.conversation_id, messages, self.run_id))
 
     def idle(self, max_jobs: int = 1) -> int:
-        """Run up to ``max_jobs`` queued warm-handoff prefills (call only when nothing else runs).
+        """Run up to ``max_jobs`` queued warm-handoff prefills (call when no request is in flight).
 
         Each evaluates the conversation's tokens the tier does not hold yet, stores its
         KV state, and is charged: its ATP goes to the budget pacer and the store's
-        background work. Returns the number of jobs run.
+        background work. A job whose tier is busy (its gate not free at once) is put back
+        and the run ends there: idle work never waits for, nor delays, a request.
+        Returns the number of jobs run.
         """
         done = 0
         while self.kv and self.kv.pending and done < max_jobs:
-            job = self.kv.pending.pop(0)
+            with self.state:
+                if not self.kv.pending:
+                    break
+                job = self.kv.pending.pop(0)
             if self.cooldown.cooling(job.tier) > 0:
                 continue  # a cooling tier is not called, not even for a prefill (the turn pays it if needed)
-            res = self.kv.run_prefill(job, self.backends[job.tier])
+            gate = self.gates[job.tier]
+            if not gate.try_acquire():
+                with self.state:
+                    if not any((j.tier, j.conversation) == (job.tier, job.conversation) for j in self.kv.pending):
+                        self.kv.pending.insert(0, job)
+                break
+            try:
+                res = self.kv.run_prefill(job, self.backends[job.tier])
+            finally:
+                gate.release()
             done += 1
             if res is None:
                 continue
             tokens, secs = res
             atp = self.memory.costs[job.tier].joules(tokens, 0)
-            self.pacer.charge(atp)
-            if self.metabolic is not None:
-                self.metabolic.on_background(atp)
+            with self.state:
+                self.pacer.charge(atp)
+                if self.metabolic is not None:
+                    self.metabolic.on_background(atp)
             self.store.record_background("prefill", job.tier, tokens, atp, secs,
                                          model_version_id=self.memory.versions.get(job.tier),
                                          conversation_id=job.conversation, run_id=job.run_id)

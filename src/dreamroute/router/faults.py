@@ -30,15 +30,22 @@ The rules (README, "Faults"):
   ``dreamroute.router``), stored (``background_work`` kind ``failed_call``: tier, seconds,
   ``status``, ``detail`` = the backend's message, ``request_id``), reported to
   ``Engine.on_failure`` and listed in ``Answer.failures``.
+- **A busy tier** (:class:`~dreamroute.errors.TierBusyError`: its queue is full, or the request
+  waited past its deadline) is not a failure: no cooldown, no record, no fallback. The first call
+  fails the request with it; a busy escalation keeps the answer it had; a busy audit is dropped.
+
+Concurrency: the per-request state (failures, the plan) is kept per thread (a request runs in one
+thread); cooldown, pacer and records are touched under the engine's state lock.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Callable
 
-from ..errors import BackendError, NoTierAvailableError, TierCoolingError, TierError
+from ..errors import BackendError, NoTierAvailableError, TierBusyError, TierCoolingError, TierError
 from .types import Call, FailedCall, Request
 
 log = logging.getLogger("dreamroute.router")
@@ -54,29 +61,40 @@ class Faults:
             store, memory, run id and ``on_failure``).
 
     Attributes:
-        failures: the failed calls of the current request, in order.
+        failures: the failed calls of the current request (this thread's), in order.
         pinned / crisis: whether the current request is pinned to its tier / routed in CRISIS.
     """
 
     def __init__(self, engine):
         self.engine = engine
-        self.failures: list[FailedCall] = []
-        self.pinned = False
-        self.crisis = False
-        self._expected: Callable[[str], float] = lambda tier: 0.0
-        self._spent: Callable[[], float] = lambda: 0.0
+        self._local = threading.local()
+        self.begin()
+
+    # the current request's plan, per thread
+    failures = property(lambda self: self._now("failures"))
+    pinned = property(lambda self: self._now("pinned"))
+    crisis = property(lambda self: self._now("crisis"))
+    _expected = property(lambda self: self._now("expected"))
+    _spent = property(lambda self: self._now("spent"))
+
+    def _now(self, name: str):
+        if not hasattr(self._local, name):
+            self.begin()
+        return getattr(self._local, name)
 
     def begin(self) -> None:
         """Start a request: no failures yet; routed, outside CRISIS, nothing spent (until :meth:`plan`)."""
-        self.failures, self.pinned, self.crisis = [], False, False
-        self._expected, self._spent = (lambda tier: 0.0), (lambda: 0.0)
+        loc = self._local
+        loc.failures, loc.pinned, loc.crisis = [], False, False
+        loc.expected, loc.spent = (lambda tier: 0.0), (lambda: 0.0)
 
     def plan(self, *, pinned: bool, crisis: bool, expected: Callable[[str], float],
              spent: Callable[[], float]) -> None:
         """Set the rules for the request's calls, once it is routed: ``expected(tier)`` is a tier's
         expected ATP for it (J), ``spent()`` what it has cost so far (J). Failures so far are kept."""
-        self.pinned, self.crisis = pinned, crisis
-        self._expected, self._spent = expected, spent
+        loc = self._local
+        loc.pinned, loc.crisis = pinned, crisis
+        loc.expected, loc.spent = expected, spent
 
     # ---- the budget ------------------------------------------------------------------
     def allowance(self) -> float | None:
@@ -126,6 +144,11 @@ class Faults:
                 t0 = time.perf_counter()
                 try:
                     return do_call(tier, role, request)
+                except TierBusyError as e:
+                    if role == "chosen":
+                        raise
+                    log.info("%s call to tier %s skipped for request %s: %s", role, tier, request.request_id, e)
+                    return None  # a busy escalation keeps the answer it had; a busy audit is dropped
                 except (BackendError, TimeoutError) as e:
                     f = self.record(tier, role, request, e, time.perf_counter() - t0)
                     if strict:
@@ -134,11 +157,12 @@ class Faults:
             tried.append(tier)
             if role == "audit":
                 return None
-            tier = self._fallback(tier, role, tried, unaffordable)
+            with self.engine.state:
+                tier = self._fallback(tier, role, tried, unaffordable)
+                err = self._nothing_left(failed, unaffordable) if tier is None and role != "escalated" else None
             if tier is None:
                 if role == "escalated":
                     return None
-                err = self._nothing_left(failed, unaffordable)
                 eng = self.engine
                 eng.store.record_background("unanswered", first, 0, 0.0, time.perf_counter() - started,
                                             conversation_id=request.conversation_id, run_id=eng.run_id,
@@ -180,8 +204,9 @@ class Faults:
         eng = self.engine
         status = getattr(error, "status", None)
         message = str(error) or type(error).__name__
-        eng.cooldown.cool(tier, getattr(error, "retry_after_s", None), reason=message)
-        failed = FailedCall(tier, role, message, seconds, request.request_id, status, eng.cooldown.cooling(tier))
+        with eng.state:
+            eng.cooldown.cool(tier, getattr(error, "retry_after_s", None), reason=message)
+            failed = FailedCall(tier, role, message, seconds, request.request_id, status, eng.cooldown.cooling(tier))
         self.failures.append(failed)
         log.warning("tier %s failed (%s call, %s) for request %s: %s; %s", tier, role,
                     f"HTTP {status}" if status is not None else type(error).__name__, request.request_id, message,

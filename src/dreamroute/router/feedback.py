@@ -74,13 +74,16 @@ def feedback_update(engine: Engine, request_id: str, outcome: str | float, witne
         replaces = {"reward": held.reward, "outcome": held.outcome, "witness": held.witness,
                     "slot_count": held.slot_count, "weight": book.gamma ** steps}
         reason = f"feedback {label} replaces {held.outcome} by {held.witness}"
+    # the store recomputes it from the row under its lock (and replaces a verdict another router gave meanwhile)
     upd = TrustUpdate(vid, ctx, before.alpha, before.beta, after.alpha, after.beta, after.count, [witness],
-                      reason, None, experience_id=row["id"], reward=reward, replaces=replaces)
+                      reason, None, experience_id=row["id"], reward=reward, replaces=replaces,
+                      op="observe" if held is None else "replace", gamma=book.gamma, prior=book.prior)
     try:
         engine.store.record_outcome(row["id"], label, witness, upd)
     except Exception:
         engine.memory.trust.set(vid, ctx, before)
         raise
+    book.set_written([upd])
     if engine.responses is not None:
         engine.responses.observe_row({**row, "outcome": label, "witness": witness})
     r = engine.memory.exp_rows.get(row["id"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ..backends.base import CancelCheck, GenOptions, Generation, Message
 from ..signals import Signals
@@ -31,6 +32,13 @@ class Request:
         cancel: polled by the backends before each call and between tokens; True stops the
             request with :class:`~dreamroute.errors.GenerationCancelled`, nothing of it
             recorded as an answer (the server's: the client disconnected).
+        on_text: for a request that names a tier (``tier``): called, in the engine's thread, with
+            each new piece of the answer's text as it is generated (the pieces join to the final
+            text; nothing a stop string later removes is sent). Ignored for a routed request,
+            whose first answer an escalation may replace (the server streams it once complete).
+        queue_timeout_s: longest the request waits for tiers' turns, all waits together, s
+            (:class:`~dreamroute.router.gate.TierGate`; past it, TierBusyError); None: no limit
+            beyond the queues' bounds.
     """
 
     messages: list[Message]
@@ -43,6 +51,8 @@ class Request:
     tier: str | None = None
     options: GenOptions = field(default_factory=GenOptions)
     cancel: CancelCheck | None = None
+    on_text: Callable[[str], None] | None = None
+    queue_timeout_s: float | None = None
 
     @classmethod
     def from_prompt(cls, prompt: str, **kw) -> "Request":

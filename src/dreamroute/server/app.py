@@ -6,23 +6,30 @@ routes), ``GET /v1/models``, ``POST /v1/feedback``, ``GET /v1/trust``, ``GET /me
 headers ``x-dreamroute-tier``, ``x-dreamroute-context``, ``x-dreamroute-atp`` (J),
 ``x-dreamroute-request-id``, ``x-dreamroute-fast-path``, and a ``dreamroute`` object in the body.
 
-Concurrency: the DreamRoute (engine, backends, learned memory) is not thread-safe, so its work
-runs one request at a time behind one lock, in a worker thread: the event loop keeps serving
-``/health``, ``/metrics`` and fast-path hits while a model generates. A request that waits for
-the lock longer than ``server.request_timeout_s`` is refused (503 ``server_busy``). A request whose
-client disconnects (:class:`~.generation.Disconnect`, polled while it waits and while it runs) stops
-within a token (the backends poll the flag), is recorded as its ATP only, and answers 499; one
-still waiting for the lock never runs.
+Concurrency: requests run at once, each in a worker thread (an anyio CapacityLimiter sized for
+every tier's ``max_in_flight + max_queue``, so a full queue, not the thread pool, is what refuses a
+request); the event loop keeps serving ``/health``, ``/metrics`` and fast-path hits meanwhile.
+Each tier has its own gate (:mod:`dreamroute.router.gate`): at most ``max_in_flight`` calls at
+once, a bounded FIFO queue (``max_queue``); a request waiting for one tier never blocks a request
+to another. A full queue is refused at once, and a request that waited longer than
+``server.request_timeout_s`` (for a worker and its tiers' turns together) gives up: 503
+``tier_busy`` / ``server_busy`` with Retry-After, nothing recorded as an answer. The learned state
+is the engine's, under its lock (``Engine.state``). A request whose client disconnects
+(:class:`~.generation.Disconnect`, polled while it waits and while it runs) stops within a token
+(the backends poll the flag), is recorded as its ATP only, and answers 499; one still waiting for
+its tier never runs. Warm-handoff prefills run only when no request is in flight.
 
 Generation options (``stop``, ``logprobs`` / ``top_logprobs``, ``response_format``) are checked by
 the schema (:meth:`~.schema.ChatCompletionRequest.options`: 400 naming a field the tiers cannot
 honour) and given to every call of the request; a request with any of them skips the fast path.
 
-Streaming: the router may read a cheap tier's answer before it commits to it (escalation,
-audit), so a routed answer is complete before its first chunk is sent. A stream is then the
-role chunk, the text in word chunks, a final chunk with ``finish_reason`` and the ``dreamroute``
-object, OpenAI's usage chunk when ``stream_options.include_usage``, and ``data: [DONE]``: its
-time to first token is the answer's latency.
+Streaming: a request that names a tier (``model: TIER``, without ``logprobs``) streams its tokens
+as they are generated (:mod:`.streaming`). The router may read a cheap tier's answer before it
+commits to it (escalation, audit), so a routed answer (``model: dreamroute``), or one asking for
+``logprobs``, is complete before its first chunk is sent: its time to first token is the answer's
+latency. A stream is the role chunk, the text (pieces as generated, or word chunks), a final
+chunk with ``finish_reason`` and the ``dreamroute`` object, OpenAI's usage chunk when
+``stream_options.include_usage``, and ``data: [DONE]``.
 
 Conversations: ``conversation_id`` (body) or ``x-dreamroute-conversation-id`` (header) files a
 request under a conversation, whose KV state the reality cache keeps per tier. Without one, a
@@ -35,12 +42,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
+import uuid
+import weakref
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+from anyio.lowlevel import RunVar
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
@@ -49,7 +58,8 @@ from ..api import DreamRoute
 from ..backends.base import Message
 from ..cache.response import messages_key
 from ..config import Settings
-from ..errors import BackendError, GenerationCancelled
+from ..errors import BackendError, GenerationCancelled, TierBusyError
+from ..router.types import Answer
 from ..metabolic import MetabolicController
 from .errors import APIError, install
 from .fastpath import RESPONSE_PREFIX, FastPath
@@ -60,10 +70,14 @@ from .metabolism import Metabolism
 from .metrics import ServerMetrics
 from .schema import (AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, DreamrouteInfo,
                      FeedbackRequest, MetabolicRequest, Usage, chunk)
+from .streaming import LiveStream
 
 ROUTED = "dreamroute"
 CONV_HEADER = "x-dreamroute-conversation-id"
 PRIORITY_HEADER = "x-dreamroute-priority"
+SPARE_WORKERS = 16
+"""Worker threads beyond the tiers' ``max_in_flight + max_queue`` (feedback, token counting)."""
+_LIMITERS: RunVar[weakref.WeakKeyDictionary] = RunVar("dreamroute_limiters")  # per event loop: state → limiters
 
 
 def derive_conversation_id(messages: list[Message], user: str | None = None) -> str | None:
@@ -80,13 +94,20 @@ def derive_conversation_id(messages: list[Message], user: str | None = None) -> 
 
 
 class ServerState:
-    """Everything one app holds (no module-level state): settings, the DreamRoute and its lock,
-    metrics, the fast path, the start time, and the metabolism (None when it is off)."""
+    """Everything one app holds (no module-level state): settings, the DreamRoute, metrics, the fast
+    path, the start time, the metabolism (None when it is off) and the requests in flight.
+
+    Attributes:
+        in_flight: model requests running or waiting now (counted in the event loop).
+        capacity: worker threads at most: every tier's ``max_in_flight + max_queue``, plus
+            :data:`SPARE_WORKERS`.
+    """
 
     def __init__(self, settings: Settings, dr: DreamRoute, own: bool):
         self.settings, self.dr, self.own = settings, dr, own
         self.metabolism: Metabolism | None = None
-        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.capacity = sum(g.limit + g.max_queue for g in dr.engine.gates.values()) + SPARE_WORKERS
         self.metrics = ServerMetrics(dr, lambda: self.metabolism)
         self.fast = FastPath(dr)
         self.started = time.time()
@@ -94,77 +115,102 @@ class ServerState:
         dr.engine.on_failure = lambda f: self.metrics.backend_failures.labels(f.tier).inc()
 
     async def run(self, fn, *args, request: bool = False, cancel: Disconnect | None = None) -> Any:
-        """``fn(*args)`` in a worker thread holding the engine lock (503 after ``request_timeout_s``).
-        ``request``: a model request, counted in flight by the metabolism from now (its wait for
-        the lock included) until it ends, answered or not: no REST or DREAM starts meanwhile, and
-        idle time counts from its end. ``cancel``: a request that is still waiting for the lock
-        when its client disconnects gives up (GenerationCancelled) without running ``fn``."""
+        """``fn(*args)`` in a worker thread (503 ``server_busy`` when none is free within
+        ``request_timeout_s``). ``request``: a model request, counted in flight (here and by the
+        metabolism) from now, its waits included, until it ends, answered or not: no REST, DREAM or
+        warm-handoff prefill starts meanwhile, and idle time counts from its end. ``cancel``: a
+        request still waiting for a worker when its client disconnects gives up (GenerationCancelled)
+        without running ``fn``."""
         timeout = self.settings.server.request_timeout_s
         ctl = self.metabolism.ctl if request and self.metabolism is not None else None
+        if request:
+            self.in_flight += 1
         if ctl is not None:
             ctl.begin_request()
         try:
             return await self._run(fn, args, timeout, cancel)
         finally:
+            if request:
+                self.in_flight -= 1
             if ctl is not None:
                 ctl.end_request()
 
-    async def _run(self, fn, args, timeout: float, cancel: Disconnect | None = None) -> Any:
-        """``fn(*args)`` in a worker thread once it holds the engine lock (503 after ``timeout`` s;
-        GenerationCancelled when ``cancel`` is set first)."""
-        def acquire() -> bool:
-            if cancel is None:
-                return self.lock.acquire(timeout=timeout)
-            deadline = time.monotonic() + timeout
-            while not self.lock.acquire(timeout=min(POLL_S, max(deadline - time.monotonic(), 0.0))):
-                if cancel():
-                    raise GenerationCancelled("the client went away while the request waited for the engine")
-                if time.monotonic() >= deadline:
-                    return False
-            return True
+    def _limiters(self) -> tuple[anyio.CapacityLimiter, anyio.CapacityLimiter]:
+        """This event loop's (slots, threads) limiters of :attr:`capacity` each: a slot is waited
+        for with a timeout, then the thread runs under the other (never the one that waits)."""
+        try:
+            per_loop = _LIMITERS.get()
+        except LookupError:
+            per_loop = weakref.WeakKeyDictionary()
+            _LIMITERS.set(per_loop)
+        if self not in per_loop:
+            per_loop[self] = (anyio.CapacityLimiter(self.capacity), anyio.CapacityLimiter(self.capacity))
+        return per_loop[self]
 
-        def work():
-            if not acquire():
-                raise APIError(503, f"The server stayed busy for {timeout:g} s (requests are answered one at "
-                                    "a time); retry later.", code="server_busy", headers={"Retry-After": "1"})
-            try:
-                return fn(*args)
-            finally:
-                self.lock.release()
-        return await anyio.to_thread.run_sync(work)
+    async def _run(self, fn, args, timeout: float, cancel: Disconnect | None = None) -> Any:
+        """``fn(*args)`` in a worker thread once one is free (503 after ``timeout`` s;
+        GenerationCancelled when ``cancel`` is set first)."""
+        slots, threads = self._limiters()
+        deadline = time.monotonic() + timeout
+        got = False
+        while not got:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise APIError(503, f"The server stayed busy for {timeout:g} s ({self.capacity} requests at "
+                                    "once); retry later.", code="server_busy", headers={"Retry-After": "1"})
+            with anyio.move_on_after(min(POLL_S, left) if cancel is not None else left):
+                await slots.acquire()
+                got = True
+            if not got and cancel is not None and cancel():
+                raise GenerationCancelled("the client went away while the request waited for a worker")
+        try:
+            return await anyio.to_thread.run_sync(lambda: fn(*args), limiter=threads)
+        finally:
+            slots.release()
+
+    def deadline(self) -> float:
+        """``time.monotonic()`` by which a request arriving now must have its tiers' turns."""
+        return time.monotonic() + self.settings.server.request_timeout_s
 
     async def idle(self) -> None:
-        """Between requests: run one queued warm-handoff prefill if nothing else holds the engine."""
+        """Between requests: run one queued warm-handoff prefill if no request is in flight."""
         kv = self.dr.engine.kv
-        if kv is None or not kv.pending or self.lock.locked():
+        if kv is None or not kv.pending or self.in_flight:
             return
 
         def work():
-            if self.lock.acquire(blocking=False):
-                try:
-                    self.dr.idle(1)
-                finally:
-                    self.lock.release()
+            if self.in_flight == 0:
+                self.dr.idle(1)   # skips a job whose tier is busy (Engine.idle)
         await anyio.to_thread.run_sync(work)
 
 
-def count_prompt_tokens(dr: DreamRoute, messages: list[Message], tier: str | None) -> int:
+def count_prompt_tokens(dr: DreamRoute, messages: list[Message], tier: str | None, *, cancel=None,
+                        deadline: float | None = None) -> int:
     """Prompt tokens under the chat template of ``tier`` (or the cheapest available tier); about
-    one per 4 characters where that backend has no tokenizer (a remote server)."""
+    one per 4 characters where that backend has no tokenizer (a remote server). A tier that runs
+    one call at a time (``max_in_flight`` 1: llama.cpp in process) is asked in its turn (its
+    gate; TierBusyError / GenerationCancelled as a call's wait)."""
     name = tier or (dr.engine.cooldown.available() or dr.engine.tiers)[0]
+    gate = dr.engine.gates.get(name)
     try:
+        if gate is not None and gate.limit == 1:
+            with gate.slot(cancel=cancel, deadline=deadline):
+                return len(dr.backends[name].prompt_tokens(messages))
         return len(dr.backends[name].prompt_tokens(messages))
-    except BackendError:
+    except BackendError as e:
+        if isinstance(e, TierBusyError):
+            raise
         return sum(len(m["content"]) + 16 for m in messages) // 4
 
 
-def _answer(st: ServerState, messages, tier, conv, priority, max_tokens, options=None, cancel=None):
-    """In the worker thread, under the lock: refuse a named tier that is cooling down (503, nothing
-    called), check the prompt's length, then answer."""
+def _answer(st: ServerState, messages, tier, conv, priority, max_tokens, options=None, cancel=None,
+            deadline: float | None = None, on_text=None, request_id: str | None = None):
+    """In a worker thread: refuse a named tier that is cooling down (503, nothing called), check the
+    prompt's length, then answer (waiting for the tiers' turns until ``deadline``, monotonic s)."""
     settings = st.settings
     if tier is not None:
         st.dr.engine.faults.check(tier)
-    n = count_prompt_tokens(st.dr, messages, tier)
+    n = count_prompt_tokens(st.dr, messages, tier, cancel=cancel, deadline=deadline)
     ctx, limit = settings.context_tokens, settings.max_prompt_tokens
     if n > limit:
         raise APIError(400, f"The messages are {n} tokens; this server accepts at most {limit} "
@@ -175,14 +221,20 @@ def _answer(st: ServerState, messages, tier, conv, priority, max_tokens, options
                             f"{n + max_tokens} tokens ({n} in the messages, {max_tokens} in the completion). "
                             "Please reduce the length of the messages or completion.",
                        param="messages", code="context_length_exceeded")
-    ans = st.dr.complete(messages, conversation_id=conv, priority=priority, max_tokens=max_tokens, tier=tier,
-                         options=options, cancel=cancel)
-    st.answered += 1
-    return ans
+    wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+    return st.dr.complete(messages, conversation_id=conv, priority=priority, max_tokens=max_tokens, tier=tier,
+                          options=options, cancel=cancel, on_text=on_text, queue_timeout_s=wait,
+                          request_id=request_id)
 
 
 def _feedback(st: ServerState, rid: str, body: FeedbackRequest) -> dict:
-    """In the worker thread, under the lock: a user's verdict on a response (witness ``user:api``)."""
+    """In a worker thread, under the engine's state lock: a user's verdict on a response (witness
+    ``user:api``)."""
+    with st.dr.engine.state:
+        return _feedback_locked(st, rid, body)
+
+
+def _feedback_locked(st: ServerState, rid: str, body: FeedbackRequest) -> dict:
     rows = [r for r in st.dr.store.experiences_for_request(rid) if r["role"] != "audit"]
     if not rows:
         raise APIError(404, f"No response with id {body.id!r} is on record; send the id of a chat completion "
@@ -194,6 +246,49 @@ def _feedback(st: ServerState, rid: str, body: FeedbackRequest) -> dict:
     return {"object": "feedback", "id": body.id, "request_id": rid, "outcome": oc.outcome, "reward": oc.reward,
             "witness": oc.witness, "tier": row["tier"], "context": ctx, "trust_before": before,
             "trust_after": st.dr.memory.trust.get(vid, ctx).mean}
+
+
+def _summary(ans: Answer, conv: str | None) -> tuple[Usage, DreamrouteInfo]:
+    """An answer's ``usage`` and ``dreamroute`` object."""
+    gens = [c.generation for c in ans.calls]
+    p, c = sum(g.prompt_tokens for g in gens), sum(g.completion_tokens for g in gens)
+    usage = Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c,
+                  prompt_tokens_details={"cached_tokens": sum(g.cached_tokens for g in gens)})
+    info = DreamrouteInfo(request_id=ans.request.request_id, tier=ans.tier, context=ans.decision.context,
+                          atp_joules=ans.atp, kv_restored=ans.kv_restored, escalated=ans.escalated,
+                          audited=ans.audited, conversation_id=conv,
+                          calls=[{"tier": c.tier, "role": c.role, "atp_joules": c.atp} for c in ans.calls],
+                          failed_tiers=[f.to_dict() for f in ans.failures], metabolic_state=ans.metabolic_state,
+                          surprise_atp_joules=ans.surprise_atp)
+    return usage, info
+
+
+def _live(st: ServerState, body: ChatCompletionRequest, t0: float, messages, tier: str, conv, priority,
+          max_tokens: int, options, deadline: float) -> LiveStream:
+    """The stream of a pinned request, sent as it is generated (:mod:`.streaming`)."""
+    rid = uuid.uuid4().hex
+    cid, created = RESPONSE_PREFIX + rid, int(time.time())
+    with_usage = bool(body.stream_options and body.stream_options.include_usage)
+    extra = {"usage": None} if with_usage else {}
+
+    async def work(on_text, gone: Disconnect) -> Answer:
+        ans = await st.run(_answer, st, messages, tier, conv, priority, max_tokens, options, gone, deadline, on_text,
+                           rid, request=True, cancel=gone)
+        st.answered += 1
+        st.metrics.answered(ans, "forced", time.perf_counter() - t0)
+        return ans
+
+    def tail(ans: Answer) -> bytes:
+        usage, info = _summary(ans, conv)
+        out = [_sse(chunk(cid, body.model, created, {}, ans.final.generation.finish_reason,
+                          dreamroute=info.model_dump(), **extra))]
+        if with_usage:
+            out.append(_sse(chunk(cid, body.model, created, None, usage=usage.model_dump())))
+        return ("".join(out) + "data: [DONE]\n\n").encode()
+
+    headers = {"x-dreamroute-tier": tier, "x-dreamroute-request-id": rid, "x-dreamroute-fast-path": "0"}
+    return LiveStream(work, lambda delta: chunk(cid, body.model, created, delta, **extra), tail, headers,
+                      lambda err: st.metrics.error(err.status, err.code or err.type, True), BackgroundTask(st.idle))
 
 
 def _respond(body: ChatCompletionRequest, rid: str, text: str, finish: str, usage: Usage, info: DreamrouteInfo,
@@ -271,6 +366,7 @@ def create_app(settings: Settings, *, dr: DreamRoute | None = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        st.dr.start_sync()   # other routers' experiences into memory (store.sync: on for PostgreSQL)
         async with anyio.create_task_group() as tg:
             if st.metabolism is not None:
                 tg.start_soon(st.metabolism.run)
@@ -278,6 +374,7 @@ def create_app(settings: Settings, *, dr: DreamRoute | None = None,
                 yield
             finally:
                 tg.cancel_scope.cancel()
+        st.dr.stop_sync()
         if st.metabolism is not None:
             st.metabolism.stop()
         if st.own:
@@ -322,20 +419,15 @@ def create_app(settings: Settings, *, dr: DreamRoute | None = None,
             usage = Usage(prompt_tokens=hit.prompt_tokens, completion_tokens=hit.completion_tokens,
                           total_tokens=hit.prompt_tokens + hit.completion_tokens)
             return _respond(body, rid, hit.text, "stop", usage, info)
+        deadline = st.deadline()   # for the tiers' turns (the wait for a worker has its own)
+        if body.stream and tier is not None and not (options.logprobs or options.top_logprobs):
+            return _live(st, body, t0, messages, tier, conv, priority, max_tokens, options, deadline)
         gone = Disconnect()  # set when the client disconnects: the generation stops within a token
         ans = await gone.guard(request, lambda: st.run(_answer, st, messages, tier, conv, priority, max_tokens,
-                                                       options, gone, request=True, cancel=gone))
+                                                       options, gone, deadline, request=True, cancel=gone))
+        st.answered += 1
         st.metrics.answered(ans, "forced" if tier else "routed", time.perf_counter() - t0)
-        gens = [c.generation for c in ans.calls]
-        p, c = sum(g.prompt_tokens for g in gens), sum(g.completion_tokens for g in gens)
-        usage = Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c,
-                      prompt_tokens_details={"cached_tokens": sum(g.cached_tokens for g in gens)})
-        info = DreamrouteInfo(request_id=ans.request.request_id, tier=ans.tier, context=ans.decision.context,
-                              atp_joules=ans.atp, kv_restored=ans.kv_restored, escalated=ans.escalated,
-                              audited=ans.audited, conversation_id=conv,
-                              calls=[{"tier": c.tier, "role": c.role, "atp_joules": c.atp} for c in ans.calls],
-                              failed_tiers=[f.to_dict() for f in ans.failures], metabolic_state=ans.metabolic_state,
-                              surprise_atp_joules=ans.surprise_atp)
+        usage, info = _summary(ans, conv)
         return _respond(body, ans.request.request_id, ans.text, ans.final.generation.finish_reason, usage, info,
                         BackgroundTask(st.idle), ans.final.generation.token_details)
 
@@ -363,6 +455,7 @@ def create_app(settings: Settings, *, dr: DreamRoute | None = None,
                 "requests": {"served": st.answered + st.fast.hits, "routed": st.answered, "fast_path": st.fast.hits},
                 "fast_path": {"enabled": st.fast.enabled, "entries": len(dr.responses or ())},
                 "cooldown": dr.engine.cooldown.remaining(),
+                "tiers": {t: g.snapshot() for t, g in dr.engine.gates.items()},
                 "metabolic": st.metabolism.snapshot() if st.metabolism is not None else None}
 
     @app.get("/v1/metabolic")
@@ -400,6 +493,6 @@ def create_app(settings: Settings, *, dr: DreamRoute | None = None,
     async def health() -> dict:
         return {"status": "ok", "tiers": tiers, "policy": dr.policy.name,
                 "store": str(dr.store.path or dr.store.url), "uptime_s": round(time.time() - st.started, 3),
-                "busy": st.lock.locked()}
+                "busy": st.in_flight > 0, "in_flight": st.in_flight}
 
     return app

@@ -15,7 +15,8 @@
 | a named tier (``model: TIER``) failed (the backend's message; never answered by another tier) | 502 | server_error | tier_failed |
 | a named tier is cooling down, or its upstream answered 429/503 (``Retry-After``) | 503 | server_error | tier_unavailable |
 | a routed request: every tier failed, is cooling, or is over the budget (``Retry-After``) | 503 | server_error | backend_unavailable |
-| the engine stayed busy past ``request_timeout_s`` | 503 | server_error | server_busy |
+| the tier's queue is full (``max_queue``), or its turn did not come within ``request_timeout_s`` (``Retry-After``) | 503 | server_error | tier_busy |
+| no worker was free within ``request_timeout_s`` | 503 | server_error | server_busy |
 | anything else | 500 | server_error | null |
 
 FastAPI's 422 for a body that does not validate is replaced by OpenAI's 400.
@@ -34,7 +35,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import (BackendError, DreamrouteError, FeedbackConflictError, GenerationCancelled, NoTierAvailableError,
-                      OptionError, RequestError, StoreError, TierCoolingError, TierError)
+                      OptionError, RequestError, StoreError, TierBusyError, TierCoolingError, TierError)
 
 log = logging.getLogger("dreamroute.server")
 
@@ -111,6 +112,9 @@ def from_exception(exc: Exception) -> APIError:
     if isinstance(exc, GenerationCancelled):
         return APIError(499, "The client closed the request before it was answered; its generation was "
                              "stopped and nothing of it was recorded as an answer.", code="client_closed_request")
+    if isinstance(exc, TierBusyError):
+        return APIError(503, f"{exc}. Nothing of this request was recorded; retry after Retry-After seconds.",
+                        code="tier_busy", headers={"Retry-After": _seconds(exc.retry_after_s)})
     if isinstance(exc, TierError):
         hint = " It is not answered by another tier; send model `dreamroute` to route around it."
         wait = {"Retry-After": _seconds(exc.retry_after_s)}

@@ -5,8 +5,8 @@
   ``delta.content`` pieces join to the text and each carry the tokens they hold.
 * :class:`Disconnect`: a cancel flag set when the HTTP client disconnects (polled with
   ``request.is_disconnected()`` while the engine works), which the backends poll between tokens
-  (:class:`~dreamroute.errors.GenerationCancelled`) and the engine lock's waiters poll too, so
-  a request whose client left stops within a few tokens and a queued one never starts.
+  (:class:`~dreamroute.errors.GenerationCancelled`) and the waiters for a worker or a tier's turn
+  poll too, so a request whose client left stops within a few tokens and a queued one never starts.
 """
 
 from __future__ import annotations

@@ -4,16 +4,18 @@ The controller (:mod:`dreamroute.metabolic`) decides; this module does, for one 
 
 * every ``tick_s`` it measures the DREAM backlog (witnessed successes of the teacher tier
   since the student's last cycle) and calls ``controller.tick``;
-* ``unload``: frees the named tiers' models (``backend.close()``) under the engine lock; the
-  next request that needs one loads it again (``LlamaBackend`` loads lazily). A request that
-  arrived meanwhile (the app counts requests in flight from their arrival) cancels it: no
-  tier is unloaded while a request runs or waits, nor after it woke the hierarchy;
+* ``unload``: frees the named tiers' models (``backend.close()``), each holding its tier's gate
+  exclusively (taken only if the tier is idle at that moment, so no call is cut and none starts
+  meanwhile); the next request that needs one loads it again (``LlamaBackend`` loads lazily). A
+  request that arrived meanwhile (the app counts requests in flight from their arrival) cancels
+  it: no tier is unloaded while a request runs or waits, nor after it woke the hierarchy;
 * ``dream``: starts ``dreamroute dream --student S --teacher T`` in a separate process, on the
   same store and an effective-settings YAML, at a lower CPU priority (``nice``), so requests
   go on being answered (it is not started when a request arrived since the tick decided); the cycle is resumable, so a server stopped mid-cycle resumes it
   the next time it dreams. When the process ends, its CPU time is charged as background
   ATP (the student tier's watts × CPU seconds, :meth:`TierCost.joules_from_seconds`) and,
-  if it promoted a version, the server serves it (``DreamRoute.refresh_versions``).
+  if it promoted a version, the server serves it (``DreamRoute.refresh_versions``, which waits
+  until no request is in flight and holds new ones off while it swaps the memory).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class Metabolism:
     """Runs a :class:`MetabolicController` for one app.
 
     Args:
-        st: the app's ``ServerState`` (DreamRoute, engine lock, settings).
+        st: the app's ``ServerState`` (DreamRoute, settings, requests in flight).
         controller: the controller (its ``tiers`` those of the hierarchy).
         tick_s: seconds between ticks.
         student / teacher: the DREAM pair (default: the two top tiers); no DREAM with one tier.
@@ -78,26 +80,24 @@ class Metabolism:
         actions += self.ctl.tick(backlog)
         for a in actions:
             if a.kind == "unload":
-                await anyio.to_thread.run_sync(self._locked, self._unload, a.tiers)
+                await anyio.to_thread.run_sync(self._unload, a.tiers)
             elif a.kind == "dream":
                 self._start_dream()
             elif a.kind == "reload":
-                await anyio.to_thread.run_sync(self._locked, self.st.dr.refresh_versions)
+                await anyio.to_thread.run_sync(self.st.dr.refresh_versions)
         return actions
-
-    def _locked(self, fn, *args):
-        with self.st.lock:
-            return fn(*args)
 
     def _unload(self, tiers: tuple[str, ...]) -> None:
         if self.ctl.in_flight or self.ctl.state not in (State.REST, State.DREAM):
-            self.ctl.unloaded = ()   # a request came between the decision and the lock
+            self.ctl.unloaded = ()   # a request came between the decision and now
             return
+        gates = self.st.dr.engine.gates
         for t in tiers:
             b = self.st.dr.backends[t]
-            if getattr(b, "loaded", True):
-                b.close()
-                self.unloads += 1
+            with gates[t].exclusive(timeout=0) as held:   # never frees a model mid-call
+                if held and getattr(b, "loaded", True):
+                    b.close()
+                    self.unloads += 1
 
     # ------------------------------------------------------------------ DREAM process
     def dream_command(self, settings_file: Path, report: Path) -> list[str]:

@@ -16,7 +16,19 @@ status, the backend's message, its request); migration 8 adds ``verdicts`` (the 
 verdict each response holds in trust, so a changed verdict replaces it); migration 9
 moves the stored fast-path keys, computed with whitespace collapsed, to
 ``experiences.messages_hash_v1`` (kept, never looked up): the fast path now keys the
-exact message list, and an old key could match another conversation.
+exact message list, and an old key could match another conversation; migration 10
+adds ``ledger.instance_id`` and ``ledger.chain_seq`` (one hash chain per router instance;
+the entries before it form the chain ``legacy``, ``chain_seq = seq``), their unique index,
+and ``experiences.instance_id`` (which router stored it; NULL before 10); on PostgreSQL also
+the sequence ``ledger_seq_global`` that numbers entries across chains.
+
+The same migrations run on PostgreSQL (``postgresql+psycopg://``), where DDL is
+transactional too. Where SQLite and PostgreSQL DDL differ the migration branches on
+``conn.dialect.name`` (an autoincrementing ``INTEGER PRIMARY KEY`` is ``SERIAL`` there);
+the SQLite text of a shipped migration is never changed. Two processes migrating one
+database at once is safe: on SQLite each migration's transaction is ``BEGIN IMMEDIATE``
+(the second waits, then finds the migration applied and skips it); on PostgreSQL each takes
+``pg_advisory_xact_lock(MIGRATION_LOCK)`` first, with the same effect.
 
 ``migrate(engine)`` records each applied migration in
 ``_migrations(version, name, applied_at)``; every migration runs in its own
@@ -127,12 +139,17 @@ def _m002_indexes(conn: Connection) -> None:
         conn.exec_driver_sql(ddl)
 
 
+def _serial_pk(conn: Connection) -> str:
+    """An autoincrementing integer primary key column's DDL: SQLite's rowid alias, PostgreSQL's SERIAL."""
+    return "id SERIAL PRIMARY KEY" if conn.dialect.name == "postgresql" else "id INTEGER NOT NULL PRIMARY KEY"
+
+
 def _m003_kv_cache(conn: Connection) -> None:
     """experiences.surprise_tier, and background_work (warm-handoff prefills, their tokens and ATP)."""
     conn.exec_driver_sql("ALTER TABLE experiences ADD COLUMN surprise_tier VARCHAR(100)")
     conn.exec_driver_sql(
         "CREATE TABLE background_work ("
-        "id INTEGER NOT NULL PRIMARY KEY, kind VARCHAR(40) NOT NULL, tier VARCHAR(100) NOT NULL, "
+        f"{_serial_pk(conn)}, kind VARCHAR(40) NOT NULL, tier VARCHAR(100) NOT NULL, "
         "model_version_id INTEGER REFERENCES model_versions (id), conversation_id VARCHAR(200), "
         "tokens INTEGER NOT NULL, atp_joules FLOAT NOT NULL, seconds FLOAT NOT NULL, "
         "run_id INTEGER REFERENCES runs (id), created_at VARCHAR(40) NOT NULL)")
@@ -142,7 +159,7 @@ def _m004_dream_cycles(conn: Connection) -> None:
     """dream_cycles: one row per consolidation cycle, its stage, work directory and results."""
     conn.exec_driver_sql(
         "CREATE TABLE dream_cycles ("
-        "id INTEGER NOT NULL PRIMARY KEY, student VARCHAR(100) NOT NULL, teacher VARCHAR(100) NOT NULL, "
+        f"{_serial_pk(conn)}, student VARCHAR(100) NOT NULL, teacher VARCHAR(100) NOT NULL, "
         "base_version_id INTEGER NOT NULL REFERENCES model_versions (id), "
         "version_id INTEGER REFERENCES model_versions (id), status VARCHAR(20) NOT NULL, "
         "stage VARCHAR(40) NOT NULL, workdir TEXT NOT NULL, config TEXT NOT NULL, result TEXT NOT NULL, "
@@ -188,6 +205,21 @@ def _m009_exact_fastpath_key(conn: Connection) -> None:
                          "WHERE messages_hash IS NOT NULL")
 
 
+def _m010_ledger_chains(conn: Connection) -> None:
+    """ledger.instance_id and chain_seq: one hash chain per router instance, numbered 1, 2, 3 ...
+    within it (entries before 10: the chain ``legacy``, chain_seq = seq); experiences.instance_id
+    (the router that stored it; NULL before 10). PostgreSQL: the sequence ``ledger_seq_global``,
+    from which ``ledger.seq`` is drawn without a lock shared by every chain."""
+    conn.exec_driver_sql("ALTER TABLE ledger ADD COLUMN instance_id VARCHAR(64) NOT NULL DEFAULT 'legacy'")
+    conn.exec_driver_sql("ALTER TABLE ledger ADD COLUMN chain_seq INTEGER NOT NULL DEFAULT 0")
+    conn.exec_driver_sql("UPDATE ledger SET chain_seq = seq")
+    conn.exec_driver_sql("CREATE UNIQUE INDEX ux_ledger_chain ON ledger (instance_id, chain_seq)")
+    conn.exec_driver_sql("ALTER TABLE experiences ADD COLUMN instance_id VARCHAR(64)")
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("CREATE SEQUENCE ledger_seq_global")
+        conn.exec_driver_sql("SELECT setval('ledger_seq_global', COALESCE((SELECT MAX(seq) FROM ledger), 0) + 1, false)")
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial tables", _m001_initial),
     (2, "indexes", _m002_indexes),
@@ -198,7 +230,17 @@ MIGRATIONS: list[Migration] = [
     (7, "failed call detail", _m007_failed_call_detail),
     (8, "verdicts", _m008_verdicts),
     (9, "exact fast-path key", _m009_exact_fastpath_key),
+    (10, "ledger chains per instance", _m010_ledger_chains),
 ]
+
+#: pg_advisory_xact_lock key every migration transaction takes on PostgreSQL
+MIGRATION_LOCK = 72150010
+
+
+def _serialise(conn: Connection) -> None:
+    """Inside a migration transaction: wait for any other process migrating the same database."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
 
 
 def latest_version() -> int:
@@ -229,6 +271,7 @@ def migrate(engine: Engine) -> list[int]:
     latest = latest_version()
     try:
         with engine.begin() as conn:
+            _serialise(conn)
             migrations_table.create(conn, checkfirst=True)
             applied = applied_versions(conn)
     except SQLAlchemyError as e:
@@ -245,6 +288,7 @@ def migrate(engine: Engine) -> list[int]:
             continue
         try:
             with engine.begin() as conn:
+                _serialise(conn)
                 if version in applied_versions(conn):   # another process got there first
                     continue
                 fn(conn)

@@ -127,6 +127,7 @@ experiences = Table(
     Column("messages_hash", String(64)),             # migration 5: the whole conversation's key (fast path)
     Column("finish_reason", String(20)),             # migration 6: "stop" | "length" (None before it)
     Column("messages_hash_v1", String(64)),          # migration 9: a pre-9 row's whitespace-normalised key
+    Column("instance_id", String(64)),               # migration 10: the router instance that stored it
     CheckConstraint("role IN ('chosen','escalated','audit')", name="ck_experiences_role"),
     CheckConstraint("outcome IN ('success','failure','unknown')", name="ck_experiences_outcome"),
 )
@@ -139,7 +140,8 @@ Index("ix_experiences_messages_hash", experiences.c.messages_hash)
 
 ledger = Table(
     "ledger", metadata,
-    Column("seq", Integer, primary_key=True, autoincrement=False),   # 1, 2, 3 ... no gaps
+    # the entry's id, in commit order per trust row; 1, 2, 3 ... on SQLite; gaps possible on PostgreSQL
+    Column("seq", Integer, primary_key=True, autoincrement=False),
     Column("created_at", String(40), nullable=False),
     Column("entity", String(300), nullable=False),
     Column("action", String(100), nullable=False),
@@ -147,8 +149,11 @@ ledger = Table(
     Column("witnesses", Text, nullable=False),   # canonical JSON list of strings
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
+    Column("instance_id", String(64), nullable=False),   # migration 10: the chain (router instance)
+    Column("chain_seq", Integer, nullable=False),        # migration 10: 1, 2, 3 ... within the chain, no gaps
 )
 Index("ix_ledger_entity", ledger.c.entity, ledger.c.seq)
+Index("ux_ledger_chain", ledger.c.instance_id, ledger.c.chain_seq, unique=True)
 
 background_work = Table(                              # migration 3
     "background_work", metadata,
@@ -218,7 +223,7 @@ EXPERIENCE_DEFAULTS: dict[str, object] = {
     "instability": None, "surprise": None, "snarc_s": 0.0, "snarc_n": 0.0, "snarc_a": 0.0,
     "snarc_r": 0.0, "snarc_c": 0.0, "salience": 0.0, "outcome": "unknown", "witness": "",
     "gold": None, "predicted": None, "priority": 0.0, "surprise_tier": None, "messages_hash": None,
-    "finish_reason": None, "messages_hash_v1": None,
+    "finish_reason": None, "messages_hash_v1": None, "instance_id": None,
 }
 
 #: experience columns that must be given: nothing sensible can stand in for them.
@@ -303,6 +308,22 @@ class TrustUpdate:
     an earlier one, ``{"reward", "outcome", "witness", "slot_count", "weight"}`` of the verdict
     taken back (``weight`` = γ^d, its weight in trust now; see ``trust.replace_reward``). Both
     go into the ledger entry's delta.
+
+    ``op`` says how the store computes the new row from the one in the database, inside the
+    write transaction and under the row's lock (so concurrent writers never lose an update;
+    :mod:`dreamroute.store.trust_rows`):
+
+    * None: set the row to ``alpha_after``, ``beta_after``, ``count_after`` as given;
+    * ``"observe"``: one observation of ``reward``: forget by ``gamma`` toward ``prior``, then
+      α += r, β += 1 − r, count += 1 (``trust.update``);
+    * ``"replace"``: a changed verdict: the cited experience's verdict (its ``verdicts`` row as
+      it is in the database, else ``replaces``) is rewritten to ``reward`` with weight
+      γ^(count − slot_count) (``trust.replace_reward``); count unchanged.
+
+    In every case the ledger entry carries the row's true before (from the database) and after,
+    and once the store call has committed the update holds them: ``alpha_before``,
+    ``beta_before``, ``count_before``, ``alpha_after``, ``beta_after``, ``count_after`` (and
+    ``replaces`` as applied). The values the caller gave before and after are its estimate.
     """
 
     model_version_id: int
@@ -318,3 +339,7 @@ class TrustUpdate:
     experience_id: int | None = None
     reward: float | None = None
     replaces: dict | None = None
+    op: str | None = None
+    gamma: float = 1.0
+    prior: tuple[float, float] = (1.0, 1.0)
+    count_before: float | None = None

@@ -1,9 +1,12 @@
 """``Store``: model versions, trust, experiences, the ledger, runs and calibration in one database.
 
 SQLite by default (one file, WAL, ``busy_timeout`` 30 s; writes take ``BEGIN
-IMMEDIATE`` so routers in several processes serialise instead of failing), or
-any SQLAlchemy URL (``postgresql://...``) for several routers sharing trust.
-Every public write is one transaction: it commits whole or not at all.
+IMMEDIATE`` so routers in several processes serialise instead of failing), or a
+PostgreSQL URL (``postgresql+psycopg://user:pw@host:5432/db``, the ``postgres`` extra)
+for several routers sharing trust. Every public write is one transaction: it commits
+whole or not at all. Trust changes are computed from the locked row inside it
+(:mod:`~dreamroute.store.trust_rows`), so concurrent writers never lose an update; each
+store object (router instance) appends to its own ledger chain (``instance_id``).
 Thread-safe within a process. All timestamps are UTC ISO-8601 strings.
 """
 
@@ -18,63 +21,86 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, func, insert, or_, select, update
+from sqlalchemy import func, insert, or_, select, text, update
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from dreamroute.errors import StoreError
 from dreamroute.store import schema as T
 from dreamroute.store.anchor import LedgerAnchor
-from dreamroute.store.ledger import HEAD_KEY, VerifyReport, append_entries, canonical_json, trust_entries, verify
+from dreamroute.store.ledger import (
+    CHAIN_KEY, CHAIN_LOCK, HEAD_KEY, LEGACY_CHAIN, VerifyReport, append_entries, canonical_json, verify,
+)
 from dreamroute.store.migrations import check_sqlite_file, migrate, sqlite_engine
+from dreamroute.store.runs import RunsAndCalibration, read_calibration
 from dreamroute.store.schema import ModelVersion, TrustRow, TrustUpdate, prompt_hash
-from dreamroute.store.verdicts import record_verdicts
+from dreamroute.store.sync import experiences_since
+from dreamroute.store.trust_rows import apply_trust, copy_applied
+from dreamroute.store.url import display, is_url, server_engine
 
-__all__ = ["Store", "ModelVersion", "TrustRow", "TrustUpdate", "VerifyReport", "prompt_hash"]
+__all__ = ["Store", "ModelVersion", "TrustRow", "TrustUpdate", "VerifyReport", "prompt_hash", "read_calibration"]
 
 _STATUS_ACTION = {"active": "model.activate", "candidate": "model.candidate",
                   "rejected": "model.reject", "retired": "model.retire"}
+_APPLIED_KEY = "dreamroute_trust_applied"   # Connection.info: (caller's updates, as applied) of this write
+_VERSIONS_LOCK = 72150001                   # pg_advisory_xact_lock key of model-version changes
 
 
-class Store:
+class Store(RunsAndCalibration):
     """The dreamroute database.
 
     Args:
         path: SQLite file (parent directories are created), ``None`` or
-            ``":memory:"`` for a private in-memory store, or an SQLAlchemy URL
-            string containing ``://`` (``sqlite:///file`` is the same as ``file``).
+            ``":memory:"`` for a private in-memory store, or an SQLAlchemy URL:
+            ``postgresql+psycopg://user:pw@host:5432/db`` (``postgresql://`` means the same
+            driver), or ``sqlite:///file`` (the same as ``file``). A string that starts with
+            ``scheme://`` or ``scheme+driver://`` is a URL, never a file name.
+        instance_id: this router instance's id: its ledger chain and the instance its
+            experiences are stored under (1-64 characters, not ``legacy``); default a new
+            uuid (hex) per Store object. Reuse one only to continue a chain after a restart,
+            never in two stores open at once.
 
     Attributes:
-        path: the SQLite file, or None (in memory or a URL).
+        path: the SQLite file, or None (in memory or a server URL).
         url: the SQLAlchemy URL, password hidden.
-        anchor: the ledger head kept beside the SQLite file (:class:`~dreamroute.store.anchor.LedgerAnchor`,
-            moved after each commit that appends entries); None in memory or for a URL.
+        instance_id: see Args.
+        dialect: ``"sqlite"`` or ``"postgresql"``.
+        anchor: the ledger heads kept beside the SQLite file (:class:`~dreamroute.store.anchor.LedgerAnchor`,
+            moved after each commit that appends entries); None in memory or for a server URL
+            (those have no anchor: see :mod:`dreamroute.store.anchor`).
 
     Raises:
         StoreError: the file is not SQLite, not a dreamroute database,
             unreadable, or from a newer schema (the file is left untouched);
-            or the database cannot be created or migrated.
+            the database cannot be created or migrated; a server URL's driver is
+            missing or its server unreachable (the message names the URL, password
+            hidden, and the fix); a bad ``instance_id``.
     """
 
-    def __init__(self, path: str | Path | None = None):
-        if isinstance(path, str) and path.startswith("sqlite:"):    # an SQLite URL: same as its file
-            path = make_url(path).database or None
+    def __init__(self, path: str | Path | None = None, *, instance_id: str | None = None):
+        if isinstance(path, str) and path.strip().lower().startswith("sqlite:"):   # an SQLite URL: its file
+            path = make_url(path.strip()).database or None
         memory = path is None or str(path) == ":memory:"
-        is_url = isinstance(path, str) and "://" in path
-        self.path: Path | None = None if memory or is_url else Path(path).expanduser()
+        server = is_url(path)
+        self.path: Path | None = None if memory or server else Path(path).expanduser()
+        if instance_id is not None and not (0 < len(instance_id) <= 64 and instance_id != LEGACY_CHAIN
+                                            and instance_id.strip() == instance_id):
+            raise StoreError(f"instance_id {instance_id!r} must be 1-64 characters without surrounding "
+                             f"spaces and not {LEGACY_CHAIN!r}")
+        self.instance_id = instance_id or uuid.uuid4().hex
         fresh = self.path is not None and (not self.path.exists() or self.path.stat().st_size == 0)
         try:
             if self.path is not None:
                 check_sqlite_file(self.path)
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._engine = create_engine(path) if is_url else sqlite_engine(self.path)
+            self._engine = server_engine(path) if server else sqlite_engine(self.path)
         except OSError as e:
-            raise StoreError(f"cannot create the store at {path}: {e}; choose another --db") from e
+            raise StoreError(f"cannot create the store at {display(path)}: {e}; choose another --db") from e
         self.url = self._engine.url.render_as_string(hide_password=True)
+        self.dialect = self._engine.dialect.name
         self._wengine = self._engine.execution_options(dreamroute_write=True)
         self._wlock = threading.RLock()
         self._rlock = self._wlock if memory else nullcontext()
-        self._upsert: Any = None
         try:
             self.applied_migrations = migrate(self._engine)   # raises StoreError only
             self.anchor = LedgerAnchor(self.path, self._engine, fresh=fresh) if self.path else None
@@ -104,16 +130,29 @@ class Store:
         """One write transaction: commits on success, rolls back on any exception; after a
         commit that appended ledger entries, the anchor is moved to the new head."""
         with self._wlock:
-            head = None
+            head, applied = None, []
             try:
                 with self._wengine.begin() as conn:
                     conn.info.pop(HEAD_KEY, None)   # left by a transaction that rolled back
+                    conn.info[CHAIN_KEY] = self.instance_id
+                    conn.info[_APPLIED_KEY] = applied
+                    if self.dialect == "postgresql":   # this chain's appender first: one lock order everywhere
+                        conn.execute(text("SELECT pg_advisory_xact_lock(:k, hashtext(:c))"),
+                                     {"k": CHAIN_LOCK, "c": self.instance_id})
                     yield conn
                     head = self.anchor.staged(conn) if self.anchor is not None else None
             except SQLAlchemyError as e:
                 raise StoreError(f"write to {self.url} failed and was rolled back: {e}") from e
+            for targets, done in applied:   # committed: the callers' updates get the values written
+                copy_applied(targets, done)
             if head is not None:
                 self.anchor.committed(head)
+
+    def _lock_versions(self, conn: Connection) -> None:
+        """Inside a write: serialise model-version changes with other processes (PostgreSQL; on
+        SQLite the write lock already does), so two routers starting at once insert one row."""
+        if self.dialect == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_VERSIONS_LOCK})")
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
@@ -152,6 +191,7 @@ class Store:
         """
         mv, now = T.model_versions, T.utc_now()
         with self._write() as conn:
+            self._lock_versions(conn)
             active = conn.execute(select(mv).where(mv.c.tier == tier, mv.c.status == "active")
                                   .order_by(mv.c.id.desc())).first()
             if active is not None and active.identity == identity:
@@ -177,6 +217,7 @@ class Store:
         """
         mv, now = T.model_versions, T.utc_now()
         with self._write() as conn:
+            self._lock_versions(conn)
             vid = conn.execute(insert(mv).values(
                 tier=tier, identity=identity, name=name, adapter_path=adapter_path,
                 parent_id=parent_id, status="candidate", created_at=now)).inserted_primary_key[0]
@@ -192,6 +233,7 @@ class Store:
         if status not in T.STATUSES:
             raise StoreError(f"unknown model version status {status!r}; use one of {T.STATUSES}")
         with self._write() as conn:
+            self._lock_versions(conn)
             row = conn.execute(select(T.model_versions).where(T.model_versions.c.id == version_id)).first()
             if row is None:
                 raise StoreError(f"no model version {version_id} in {self.url}")
@@ -203,6 +245,7 @@ class Store:
         in ONE transaction: serving and trust change together or not at all. Ledger:
         ``model.activate`` then one ``trust.update`` per row. Raises StoreError."""
         with self._write() as conn:
+            self._lock_versions(conn)
             row = conn.execute(select(T.model_versions).where(T.model_versions.c.id == version_id)).first()
             if row is None:
                 raise StoreError(f"no model version {version_id} in {self.url}")
@@ -295,8 +338,11 @@ class Store:
         ``experiences`` are dicts of experience columns (``schema.EXPERIENCE_COLUMNS``;
         role, prompt, tier, context required; ``request_id`` defaults to one new
         uuid for the call, ``prompt_hash`` to ``prompt_hash(prompt)``). Each
-        TrustUpdate upserts its trust row and appends a ``trust.update`` ledger
-        entry. Returns the new experience ids, in input order.
+        TrustUpdate changes its trust row as its ``op`` says, from the row's value in the
+        database under its lock, and appends a ``trust.update`` ledger entry to this
+        store's chain; once committed, each TrustUpdate holds the before/after values
+        written (set the in-memory trust from them). Each experience is stored under
+        ``instance_id``. Returns the new experience ids, in input order.
 
         Raises:
             StoreError: an invalid field, an unknown model version, or a failed
@@ -304,7 +350,7 @@ class Store:
         """
         now = T.utc_now()
         request_id = str(uuid.uuid4())
-        rows = [T.experience_row(e, request_id, now) for e in experiences]
+        rows = [{**T.experience_row(e, request_id, now), "instance_id": self.instance_id} for e in experiences]
         for u in trust_updates:
             if u.experience_index is not None and not 0 <= u.experience_index < len(rows):
                 raise StoreError(f"TrustUpdate.experience_index {u.experience_index} is outside "
@@ -341,25 +387,11 @@ class Store:
             return float(conn.execute(stmt).scalar_one())
 
     def _apply_trust(self, conn: Connection, updates: list[TrustUpdate], ids: list[int], now: str) -> None:
-        """Upsert the trust rows of ``updates`` and append their ``trust.update`` ledger entries."""
+        """Apply ``updates`` to their locked rows from the database's values, with their
+        ``trust.update`` entries and verdicts (:func:`~dreamroute.store.trust_rows.apply_trust`);
+        once the write commits, ``updates`` hold the values written."""
         if updates:
-            self._upsert_trust(conn, [{"model_version_id": u.model_version_id, "context": u.context,
-                                       "alpha": u.alpha_after, "beta": u.beta_after,
-                                       "count": u.count_after, "updated_at": now} for u in updates])
-            seqs = append_entries(conn, trust_entries(updates, ids), now)
-            record_verdicts(conn, updates, ids, seqs, now)
-
-    def _upsert_trust(self, conn: Connection, rows: list[dict]) -> None:
-        if self._upsert is None:      # built once: building ``excluded`` costs ~0.5 ms
-            if conn.dialect.name == "postgresql":
-                from sqlalchemy.dialects.postgresql import insert as dialect_insert
-            else:
-                from sqlalchemy.dialects.sqlite import insert as dialect_insert
-            stmt = dialect_insert(T.trust)
-            self._upsert = stmt.on_conflict_do_update(
-                index_elements=[T.trust.c.model_version_id, T.trust.c.context],
-                set_={c: stmt.excluded[c] for c in ("alpha", "beta", "count", "updated_at")})
-        conn.execute(self._upsert, rows)
+            conn.info[_APPLIED_KEY].append((updates, apply_trust(conn, updates, ids, now)))
 
     def experiences(self, columns: list[str] | None = None, *, run_id: int | None = None,
                     tier: str | None = None, since_id: int | None = None) -> list[dict]:
@@ -382,6 +414,14 @@ class Store:
             stmt = stmt.where(e.c.id > since_id)
         with self._read() as conn:
             return [dict(zip(cols, r)) for r in conn.execute(stmt)]
+
+    def experiences_since(self, last_id: int, *, exclude_instance: str | None = None,
+                          columns: list[str] | None = None, limit: int | None = None) -> list[dict]:
+        """Experiences with id > ``last_id`` in id order, as dicts of ``columns`` (default
+        ``store.sync.SYNC_COLUMNS``), leaving out those ``exclude_instance`` stored (e.g. this
+        store's own ``instance_id``: what other routers stored). See :mod:`dreamroute.store.sync`
+        (``SyncCursor`` also finds rows that committed late, below an id already seen)."""
+        return experiences_since(self, last_id, exclude_instance=exclude_instance, columns=columns, limit=limit)
 
     def count_experiences(self) -> int:
         """Number of stored experiences."""
@@ -433,8 +473,9 @@ class Store:
         """Set a later witnessed outcome and apply its trust update (ledgered) in ONE transaction.
 
         ``trust_update.experience_id`` (or ``experience_id`` when unset) is what
-        its ledger entry cites. Raises StoreError for an unknown outcome or
-        experience id; nothing is written then.
+        its ledger entry cites; it is applied as :meth:`record` applies one (from the row in
+        the database, by its ``op``) and holds the values written once this returns. Raises
+        StoreError for an unknown outcome or experience id; nothing is written then.
         """
         if outcome not in T.OUTCOMES:
             raise StoreError(f"unknown outcome {outcome!r}; use one of {T.OUTCOMES}")
@@ -444,10 +485,12 @@ class Store:
             if n != 1:
                 raise StoreError(f"no experience {experience_id} in {self.url}")
             if trust_update is not None:
+                cited = trust_update
                 if trust_update.experience_id is None:
-                    trust_update = dataclasses.replace(trust_update, experience_id=experience_id,
-                                                       experience_index=None)
-                self._apply_trust(conn, [trust_update], [], T.utc_now())
+                    cited = dataclasses.replace(trust_update, experience_id=experience_id, experience_index=None)
+                self._apply_trust(conn, [cited], [], T.utc_now())
+        if trust_update is not None and cited is not trust_update:
+            copy_applied([trust_update], [cited])   # the caller's update holds the values written too
 
     # -- ledger -------------------------------------------------------------------------------
     def append_ledger(self, entity: str, action: str, delta: dict, witnesses: list[str]) -> int:
@@ -468,104 +511,10 @@ class Store:
         return out[::-1]
 
     def verify_ledger(self) -> VerifyReport:
-        """Re-walk the hash chain and cross-check trust and calibration (see ``ledger.verify``),
-        and check the chain still reaches its anchored head (``store.anchor``)."""
+        """Re-walk every chain (one per router instance) and cross-check trust, model status and
+        calibration against all of them together (see ``ledger.verify``), and, for an SQLite
+        file, check each chain still reaches its anchored head (``store.anchor``; PostgreSQL and
+        in-memory stores have no anchor)."""
         with self._read() as conn:
             report = verify(conn)
             return self.anchor.check(conn, report) if self.anchor is not None else report
-
-    # -- runs ---------------------------------------------------------------------------------
-    def start_run(self, workload: str, workload_digest: str, policy: str, seed: int,
-                  budget: float | None, *, fresh: bool) -> int:
-        """Run id to write to: the latest attempt of (workload_digest, policy, seed), or a new
-        attempt when ``fresh`` or none exists. Earlier attempts are kept, never deleted."""
-        r = T.runs
-        with self._write() as conn:
-            last = conn.execute(select(r.c.id, r.c.attempt).where(
-                r.c.workload_digest == workload_digest, r.c.policy == policy, r.c.seed == seed)
-                .order_by(r.c.attempt.desc()).limit(1)).first()
-            if last is not None and not fresh:
-                return last.id
-            return conn.execute(insert(r).values(
-                workload=workload, workload_digest=workload_digest, policy=policy, seed=seed,
-                budget=budget, attempt=(last.attempt + 1) if last else 1, status="running",
-                started_at=T.utc_now())).inserted_primary_key[0]
-
-    def finish_run(self, run_id: int) -> None:
-        """Mark a run finished (UTC finish time). Raises StoreError for an unknown run."""
-        with self._write() as conn:
-            n = conn.execute(update(T.runs).where(T.runs.c.id == run_id)
-                             .values(status="finished", finished_at=T.utc_now())).rowcount
-            if n != 1:
-                raise StoreError(f"no run {run_id} in {self.url}")
-
-    def graded_items(self, run_id: int) -> set[str]:
-        """item_keys that already have a "chosen" experience in this run (skip them on resume)."""
-        e = T.experiences
-        stmt = select(e.c.item_key).distinct().where(e.c.run_id == run_id, e.c.role == "chosen",
-                                                     e.c.item_key.is_not(None))
-        with self._read() as conn:
-            return set(conn.execute(stmt).scalars())
-
-    def run_info(self, run_id: int) -> dict:
-        """The run row as a dict, plus ``experiences`` (count) and ``graded`` (distinct items).
-        Raises StoreError for an unknown run."""
-        e = T.experiences
-        with self._read() as conn:
-            row = conn.execute(select(T.runs).where(T.runs.c.id == run_id)).first()
-            if row is None:
-                raise StoreError(f"no run {run_id} in {self.url}")
-            n = conn.execute(select(func.count()).where(e.c.run_id == run_id)).scalar_one()
-        return {**row._mapping, "experiences": n, "graded": len(self.graded_items(run_id))}
-
-    # -- calibration --------------------------------------------------------------------------
-    def save_calibration(self, identity: str, tier: str, values: dict) -> None:
-        """Store ``dreamroute bench`` results for a model identity (replacing older ones) and
-        append a ``calibration`` ledger entry. ``values``: prefill_s_per_token, decode_s_per_token,
-        load_s, ttft_s (seconds), prefill_tok_s, decode_tok_s (tokens/s), rss_mb, ..."""
-        now = T.utc_now()
-        try:
-            values = json.loads(canonical_json(values))
-        except (TypeError, ValueError) as e:
-            raise StoreError(f"calibration values are not JSON: {e}") from e
-        c = T.calibration
-        with self._write() as conn:
-            conn.execute(c.delete().where(c.c.identity == identity))
-            conn.execute(insert(c).values(identity=identity, tier=tier,
-                                          values=canonical_json(values), updated_at=now))
-            append_entries(conn, [(f"calibration:{identity}", "calibration",
-                                   {"tier": tier, "values": values}, ["bench"])], now)
-
-    def get_calibration(self, identity: str) -> dict | None:
-        """The saved values plus ``identity``, ``tier`` and ``updated_at``; None when never benched."""
-        c = T.calibration
-        with self._read() as conn:
-            row = conn.execute(select(c).where(c.c.identity == identity)).first()
-        if row is None:
-            return None
-        m = row._mapping
-        return {**json.loads(m["values"]), "identity": m["identity"], "tier": m["tier"],
-                "updated_at": m["updated_at"]}
-
-
-def read_calibration(path: str | Path, identity: str) -> dict | None:
-    """:meth:`Store.get_calibration` from the SQLite file at ``path``, opened read-only and never
-    migrated (another store's calibration, e.g. the machine's default store, is read without
-    changing it). None when the file, its calibration table or the identity is missing."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        return None
-    engine = create_engine(f"sqlite:///file:{p}?mode=ro&uri=true")
-    c = T.calibration
-    try:
-        with engine.connect() as conn:
-            row = conn.execute(select(c).where(c.c.identity == identity)).first()
-    except Exception:  # not a store, an older schema, locked: no calibration from it
-        return None
-    finally:
-        engine.dispose()
-    if row is None:
-        return None
-    m = row._mapping
-    return {**json.loads(m["values"]), "identity": m["identity"], "tier": m["tier"], "updated_at": m["updated_at"]}
-
