@@ -390,3 +390,31 @@ def test_openai_tier_429_cools_it_for_its_retry_after_and_it_gets_no_request(tmp
         clock.t += 0.3                                        # 5.1 s after the 429: asked again
         dr.complete("What is 8 + 2?")
         assert len(log) > n
+
+
+def test_an_upstream_refusing_the_request_itself_does_not_cool_its_tier(tmp_path):
+    """A 400 (e.g. the prompt over the upstream's context) blames the request: a routed request
+    falls back, a pinned one fails, and the tier stays in service for the next request."""
+    log: list = []
+    backends = {**{n: ScriptedBackend(f"sha-{n}", lambda m, n=n: f"{n}: 4") for n in TIERS},
+                "sensory": overloaded(400, None, log)}
+    dr, clock = make(tmp_path, backends, policy="cascade:0")
+    with dr:
+        a = dr.complete("What is 2 + 2?")
+        assert a.tier == "tactical" and [(f.tier, f.status, f.cooled_s) for f in a.failures] == [("sensory", 400, 0.0)]
+        assert dr.engine.cooldown.cooling("sensory") == 0
+        n = len(log)
+        dr.complete("What is 3 + 2?")
+        assert len(log) > n                                    # asked again at once
+        with pytest.raises(TierError) as ei:
+            dr.complete("What is 4 + 2?", tier="sensory")
+        assert ei.value.status == 400 and dr.engine.cooldown.cooling("sensory") == 0
+
+
+@pytest.mark.parametrize("status,code,want", [(400, "context_length_exceeded", 400), (422, "upstream_rejected", 400),
+                                              (500, "tier_failed", 502), (429, "tier_unavailable", 503)])
+def test_a_pinned_tiers_upstream_status_maps_to_the_clients_status(status, code, want):
+    from dreamroute.server.errors import from_exception
+    msg = "tier 'remote': HTTP %d: the prompt is over the context window" % status if status == 400 else "boom"
+    err = from_exception(TierError("remote", msg, status=status))
+    assert (err.status, err.code) == (want, code)

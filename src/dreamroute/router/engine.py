@@ -303,19 +303,29 @@ class Engine:
                              lam_scale=knobs.lam_scale if knobs is not None else 1.0,
                              quality_floor=knobs.quality_floor if knobs is not None else None)
             decision = policy.route(request, view)
+            # until it is learned, this request's expected ATP counts as spent for the others (InFlight)
+            self.pacer.reserve(surprise_atp + (decision.expected_atp.get(decision.tier) or 0.0))
         t1, c1 = time.perf_counter(), time.thread_time()
         decision.overhead_ms = ((t1 - t0) - surprise_s - run.wait_s) * 1e3
         decision.overhead_cpu_ms = ((c1 - c0) - run.surprise_cpu_s) * 1e3
         calls: list[Call] = []
         pinned = request.tier is not None or (isinstance(policy, AlwaysPolicy) and not crisis)
-        self.faults.plan(pinned=pinned, crisis=crisis, spent=lambda: surprise_atp + sum(c.atp for c in calls),
-                         expected=lambda t: decision.expected_atp.get(t) if t in decision.expected_atp else
-                         self.memory.expected_atp(hood, t, view.prompt_chars, request.max_tokens))
+
+        def spent() -> float:
+            return surprise_atp + sum(c.atp for c in calls)
+
+        def expected(t: str) -> float:
+            e = decision.expected_atp.get(t)
+            return e if e is not None else self.memory.expected_atp(hood, t, view.prompt_chars, request.max_tokens)
+
+        self.faults.plan(pinned=pinned, crisis=crisis, spent=spent, expected=expected)
 
         def escalation() -> str | None:
             with self.state:
                 view.available = self.cooldown.available()  # a tier that failed meanwhile is not escalated to
-                return policy.escalate(decision, calls[-1], view)
+                nxt = policy.escalate(decision, calls[-1], view)
+                self.pacer.reserve(spent() + (expected(nxt) if nxt is not None else 0.0))
+                return nxt
 
         try:
             calls.append(self._call_or_fall_back(decision.tier, "chosen", request))
@@ -327,10 +337,16 @@ class Engine:
             up = self.tiers.index(final.tier) + 1
             with self.state:
                 audit = decision.audit and up < len(self.tiers) and self.pacer.allows(sum(c.atp for c in calls))
+                if audit:
+                    self.pacer.reserve(spent() + expected(self.tiers[up]))
             if audit and (call := self._call_or_fall_back(self.tiers[up], "audit", request)) is not None:
                 calls.append(call)
         except GenerationCancelled as e:
+            self.pacer.release()
             self._cancelled(e, request, surprise_atp + sum(c.atp for c in calls), decision.tier)
+            raise
+        except BaseException:
+            self.pacer.release()
             raise
         answer = Answer(request, decision, calls, surprise_atp, surprise_tier=surprise_tier,
                         surprise_s=surprise_s, kv=dict(run.restored), failures=list(self.faults.failures))
@@ -339,6 +355,7 @@ class Engine:
             with self.state:
                 self.metabolic.on_answer(answer.atp)
         answer._vec, answer._policy = vec, policy  # kept for learn()
+        self.pacer.reserve(answer.atp)  # what it did spend, until learn() charges it
         return answer
 
     def _cancelled(self, e: GenerationCancelled, request: Request, spent: float, tier: str) -> None:
@@ -390,9 +407,13 @@ class Engine:
 
     def learn(self, answer: Answer, outcomes: list[Outcome]) -> list[int]:
         """Write experiences, trust updates and ledger entries (one transaction), then update memory;
-        all under the state lock (one request's learning at a time)."""
-        with self.state:
-            return self._learn(answer, outcomes)
+        all under the state lock (one request's learning at a time). Ends this thread's in-flight
+        reservation of the request's ATP (the pacer has it as spent now, or it was not recorded)."""
+        try:
+            with self.state:
+                return self._learn(answer, outcomes)
+        finally:
+            self.pacer.release()
 
     def _learn(self, answer: Answer, outcomes: list[Outcome]) -> list[int]:
         req, dec = answer.request, answer.decision

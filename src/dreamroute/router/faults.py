@@ -26,7 +26,8 @@ The rules (README, "Faults"):
   the tier's nearest experiences, else its mean, else the cost model). No budget: every tier
   is affordable.
 - **Every failed call** (BackendError, TimeoutError) is charged no ATP, cools its tier for the
-  upstream's ``Retry-After`` when it sent one, else for ``cooldown_s``, is logged (a warning on
+  upstream's ``Retry-After`` when it sent one, else for ``cooldown_s`` (not when the upstream
+  blamed the request: HTTP 400/413/422, :func:`request_error`), is logged (a warning on
   ``dreamroute.router``), stored (``background_work`` kind ``failed_call``: tier, seconds,
   ``status``, ``detail`` = the backend's message, ``request_id``), reported to
   ``Engine.on_failure`` and listed in ``Answer.failures``.
@@ -51,6 +52,17 @@ from .types import Call, FailedCall, Request
 log = logging.getLogger("dreamroute.router")
 
 CallFn = Callable[[str, str, Request], Call]
+
+
+REQUEST_ERROR_STATUS = (400, 413, 422)
+"""Upstream HTTP statuses that blame the request, not the tier (bad or too long): no cooldown."""
+
+
+def request_error(error: BaseException) -> bool:
+    """Whether ``error`` is an upstream's refusal of the request itself (HTTP 400, 413 or 422)
+    rather than a failure of its tier (timeouts, 5xx, 429, a dead connection, 401/404 of a
+    misconfigured tier)."""
+    return getattr(error, "status", None) in REQUEST_ERROR_STATUS
 
 
 class Faults:
@@ -103,7 +115,8 @@ class Faults:
         p = self.engine.pacer
         if p.budget is None:
             return None
-        return p.budget * (p.n + 1) - p.spent - self._spent()
+        n_other, j_other = p.others()   # other requests in flight count as spent (InFlight)
+        return p.budget * (p.n + n_other + 1) - p.spent - j_other - self._spent()
 
     def affordable(self, tier: str) -> bool:
         """Whether calling ``tier`` keeps the running average within the budget (always in CRISIS)."""
@@ -200,12 +213,16 @@ class Faults:
     # ---- recording -------------------------------------------------------------------
     def record(self, tier: str, role: str, request: Request, error: BaseException, seconds: float) -> FailedCall:
         """Cool ``tier`` (the upstream's Retry-After, else ``cooldown_s``), then log, store and report
-        the failed call (its seconds, no ATP). Returns the :class:`FailedCall`."""
+        the failed call (its seconds, no ATP). An upstream that refused the request itself
+        (:func:`request_error`: HTTP 400, 413 or 422, e.g. ``context_length_exceeded``) is not
+        cooled: one client's bad request must not take the tier from everyone. Returns the
+        :class:`FailedCall`."""
         eng = self.engine
         status = getattr(error, "status", None)
         message = str(error) or type(error).__name__
         with eng.state:
-            eng.cooldown.cool(tier, getattr(error, "retry_after_s", None), reason=message)
+            if not request_error(error):   # the request's own fault (too long, malformed) leaves the tier up
+                eng.cooldown.cool(tier, getattr(error, "retry_after_s", None), reason=message)
             failed = FailedCall(tier, role, message, seconds, request.request_id, status, eng.cooldown.cooling(tier))
         self.failures.append(failed)
         log.warning("tier %s failed (%s call, %s) for request %s: %s; %s", tier, role,

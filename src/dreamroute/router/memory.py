@@ -21,6 +21,7 @@ from ..store.conversations import last_answer
 from ..trust import TrustBook, TrustState
 from .encoder import make_encoder
 from .index import ExperienceIndex
+from .inflight import InFlight
 from .judge import AnswerJudge, answer_features
 
 CONF_BINS = 5
@@ -103,7 +104,7 @@ def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
 
-class BudgetPacer:
+class BudgetPacer(InFlight):
     """Budget-paced λ, so the running average ATP per request follows the budget B.
 
     Spending is smoothed with an exponential moving average over about
@@ -156,10 +157,12 @@ class BudgetPacer:
         return self.budget is not None and (self.budget == 0 or self.lam > 2 * self.LAMBDA_MIN)
 
     def allows(self, extra: float) -> bool:
-        """True when spending ``extra`` more now keeps the running average within budget."""
+        """True when spending ``extra`` more now keeps the running average within budget (other
+        threads' requests in flight counted as spent: :class:`~.inflight.InFlight`)."""
         if self.budget is None:
             return True
-        return (self.spent + extra) / (self.n + 1) <= self.budget + 1e-12
+        n_other, j_other = self.others()
+        return (self.spent + j_other + extra) / (self.n + n_other + 1) <= self.budget + 1e-12
 
     def price(self, atp: float) -> float:
         """λ · ATP / B, the cost term in p̂ − λ·ATP (ATP normalised by the budget); ∞ for a

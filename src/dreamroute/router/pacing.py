@@ -66,9 +66,10 @@ import math
 import numpy as np
 
 from ..errors import ConfigError
+from .inflight import InFlight
 
 
-class SpendController:
+class SpendController(InFlight):
     """λ from the recent requests' menus, a bank of savings, and a guard (module docstring).
 
     Args:
@@ -157,10 +158,12 @@ class SpendController:
 
     def allows(self, extra: float) -> bool:
         """True when spending ``extra`` more now keeps the running average within budget:
-        (spent + extra) / (n + 1) ≤ B (the strict test audits and fallbacks pass)."""
+        (spent + extra) / (n + 1) ≤ B (the strict test audits and fallbacks pass), with the
+        requests other threads have in flight counted as spent (:class:`InFlight`)."""
         if self.budget is None:
             return True
-        return (self.spent + extra) / (self.n + 1) <= self.budget + 1e-12
+        n_other, j_other = self.others()   # requests in flight in other threads count as spent
+        return (self.spent + j_other + extra) / (self.n + n_other + 1) <= self.budget + 1e-12
 
     def price(self, atp: float) -> float:
         """λ · ATP / B, the cost term in value − λ·ATP/B (ATP normalised by the budget); ∞ for a
@@ -188,10 +191,12 @@ class SpendController:
 
     def headroom(self) -> float | None:
         """J one more request may cost so the running average stays within cap·B (plus the
-        credit): cap·B·(n + 1) + credit·B − spent. None without a budget."""
+        credit): cap·B·(n + 1) + credit·B − spent, other threads' requests in flight counted as
+        spent (:class:`InFlight`). None without a budget."""
         if self.budget is None:
             return None
-        return self.cap * self.budget * (self.n + 1) + self.credit * self.budget - self.spent
+        n_other, j_other = self.others()   # requests in flight in other threads count as spent
+        return self.cap * self.budget * (self.n + n_other + 1) + self.credit * self.budget - self.spent - j_other
 
     def observe(self, values, atps) -> None:
         """Keep one routed request's menu: the value (expected success, as the policy drew it:

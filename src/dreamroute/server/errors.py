@@ -13,6 +13,7 @@
 | an unknown path / method | 404 / 405 | invalid_request_error | null |
 | a body over ``max_request_bytes`` | 413 | invalid_request_error | request_too_large |
 | a named tier (``model: TIER``) failed (the backend's message; never answered by another tier) | 502 | server_error | tier_failed |
+| a named tier's upstream refused the request itself (HTTP 400/413/422: too long, malformed); the tier is not cooled | 400 | invalid_request_error | context_length_exceeded / upstream_rejected |
 | a named tier is cooling down, or its upstream answered 429/503 (``Retry-After``) | 503 | server_error | tier_unavailable |
 | a routed request: every tier failed, is cooling, or is over the budget (``Retry-After``) | 503 | server_error | backend_unavailable |
 | the tier's queue is full (``max_queue``), or its turn did not come within ``request_timeout_s`` (``Retry-After``) | 503 | server_error | tier_busy |
@@ -120,6 +121,10 @@ def from_exception(exc: Exception) -> APIError:
         wait = {"Retry-After": _seconds(exc.retry_after_s)}
         if isinstance(exc, TierCoolingError) or exc.status in (429, 503):
             return APIError(503, f"{exc}.{hint}", param="model", code="tier_unavailable", headers=wait)
+        if exc.status in (400, 413, 422):   # the upstream refused the request itself: the client's to fix
+            code = "context_length_exceeded" if "context" in str(exc).lower() else "upstream_rejected"
+            return APIError(400, f"{exc}. The tier refused this request; change the request (the tier "
+                                 "was not taken out of service).", param="messages", code=code)
         return APIError(502, f"{exc}.{hint}", param="model", code="tier_failed")
     if isinstance(exc, NoTierAvailableError):
         return APIError(503, f"{exc}.", code="backend_unavailable", headers={"Retry-After": _seconds(exc.retry_after_s)})
