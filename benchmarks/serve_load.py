@@ -19,7 +19,7 @@ routed (``model: dreamroute``) and unique (``[req:ID]`` and its own numbers), so
 fast-path hit and each one's decision, upstream call and experience are real.
 
 For each ``--clients`` C: C clients, each sending its next request when its last is answered,
-until ``max(--requests, 2 C)`` are answered: requests per second (and per core of this machine),
+until ``max(--requests, C)`` are answered: requests per second (and per core of this machine),
 client latency p50/p99, and the router's overhead per request: the latency the client saw minus
 the time the upstream held that request (fake upstream only; for llama-server, minus the median
 direct latency measured first, so it is coarser). ``--rate R`` adds an open-loop phase: R
@@ -222,7 +222,7 @@ def main() -> None:
                     httpx.delete(up_url.rsplit("/v1", 1)[0] + "/stats")
                 cpu0 = sum(sproc.cpu_times()[:2])
                 if c:
-                    n = max(a.requests, 2 * c)
+                    n = max(a.requests, c)
                     lat, wall, errs = asyncio.run(closed_loop(base, n, c, start, a.max_tokens))
                 else:
                     n = int(a.rate * a.duration)

@@ -13,6 +13,12 @@
 #        (initdb refuses root), or as a system user `dreamroute-pg` made for it where that is missing.
 #        Durability is off (fsync, synchronous_commit): the data are thrown away. A cluster already
 #        running in that folder is reused.
+#        Opt-in, for routers on other hosts or network namespaces (benchmarks/federation.py):
+#        $DREAMROUTE_PG_LISTEN  extra addresses to listen on besides 127.0.0.1 (comma-separated, e.g.
+#                               10.77.0.1; each must exist on an interface when the server starts)
+#        $DREAMROUTE_PG_HBA     address ranges allowed to log in with the password (scram-sha-256)
+#                               besides loopback (comma- or space-separated CIDRs, e.g. 10.77.0.0/24)
+#        The printed URL names 127.0.0.1 either way. Unset (CI, the tests): loopback only.
 # stop   stops that cluster and deletes its folder (no error when none runs).
 # Exit status: 0, or 1 with the reason on stderr (the server log is printed when it fails to start).
 set -euo pipefail
@@ -75,8 +81,15 @@ start() {
             -E UTF8 --no-locale >"$DIR/initdb.log" 2>&1 \
         || { cat "$DIR/initdb.log" >&2; die "initdb failed"; }
     port="$(free_port)"
+    local listen="127.0.0.1" cidr
+    if [ -n "${DREAMROUTE_PG_LISTEN:-}" ]; then
+        listen="127.0.0.1,$(printf '%s' "$DREAMROUTE_PG_LISTEN" | tr -d ' ')"
+    fi
+    for cidr in $(printf '%s' "${DREAMROUTE_PG_HBA:-}" | tr ',' ' '); do
+        printf 'host all all %s scram-sha-256\n' "$cidr" >> "$DIR/data/pg_hba.conf"
+    done
     if ! as_owner "$bin/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w -t 60 start \
-        -o "-c listen_addresses=127.0.0.1 -p $port -k $DIR/sock -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" >/dev/null; then
+        -o "-c listen_addresses=$listen -p $port -k $DIR/sock -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" >/dev/null; then
         cat "$DIR/server.log" >&2 || true
         die "the server did not start"
     fi

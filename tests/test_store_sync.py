@@ -35,9 +35,9 @@ def until(cond, timeout_s: float = 10.0, every_s: float = 0.05) -> bool:
     return cond()
 
 
-def router(tmp_path, db, answers, **store) -> DreamRoute:
+def router(tmp_path, db, answers, fast_path=False, **store) -> DreamRoute:
     settings = scripted_settings(tmp_path).model_copy(update={"store": StoreConfig(sync_interval_s=0.2, **store)})
-    return DreamRoute(settings, db=db, backends=scripted_backends(answers))
+    return DreamRoute(settings, db=db, backends=scripted_backends(answers), fast_path=fast_path)
 
 
 def test_another_routers_experiences_reach_memory_within_a_second(tmp_path, db):
@@ -133,6 +133,31 @@ def test_verdicts_from_two_routers_on_one_answer_replace_each_other(tmp_path, db
         assert (st.alpha, st.beta, st.count) == final[changed[0]]
         rep = a.store.verify_ledger()
         assert rep.ok, rep.problems
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("judge_on", ["answering", "other"])
+def test_a_verdict_given_after_the_other_router_read_the_answer_reaches_its_memory(tmp_path, db, judge_on):
+    """An answer stored without a verdict is absorbed as unknown; the user's verdict comes later,
+    on the answering router or on the other one: the next poll of the router that did not record it
+    sets that row's outcome in its index and its fast path serves the answer."""
+    items, answers = problem_answers(4)
+    a, b = router(tmp_path, db, answers, fast_path=True), router(tmp_path, db, answers, fast_path=True)
+    try:
+        it = items[0]
+        ans = a.complete(it.prompt)                          # no gold: stored with outcome unknown
+        row = next(r for r in a.store.experiences_for_request(ans.request.request_id) if r["role"] != "audit")
+        assert b.sync() >= 1 and row["id"] in b.memory.exp_rows
+        rb = b.memory.exp_rows[row["id"]]
+        assert b.memory.index.outcome[rb] != b.memory.index.outcome[rb]   # NaN: unknown
+        judge, other = (a, b) if judge_on == "answering" else (b, a)
+        judge.record_outcome(ans.request.request_id, "success", witness="user:test")
+        other.sync()
+        ro = other.memory.exp_rows[row["id"]]
+        assert other.memory.index.outcome[ro] == 1.0
+        assert other.cached([{"role": "user", "content": it.prompt}]) is not None   # the fast path has it
     finally:
         a.close()
         b.close()

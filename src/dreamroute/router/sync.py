@@ -11,9 +11,13 @@ cache), then rereads the trust rows of the served versions from the store (where
 router's increments are summed atomically). Rows of versions this router does not serve
 are skipped, as ``Memory.load`` skips them.
 
-Not synced: a later verdict (feedback) another router records on an experience this
-memory already holds changes trust (reread here) but not that row's outcome in the index;
-the budget pacer stays per router (each paces its own spending).
+Verdicts given later (feedback, on either router) reach the other routers too: each poll also
+rereads the stored outcome of the most recent :data:`WATCH_ROWS` rows this memory holds as
+unknown (its own and absorbed ones) and, for each that has a verdict now, sets that row's
+outcome in the index and offers it to the fast path (:func:`apply_verdicts`, what
+``feedback_update`` does locally); trust itself is reread whole. A verdict that *changes* a
+known outcome (a replaced verdict) reaches the other routers' trust, not their index row. The
+budget pacer stays per router (each paces its own spending).
 
 Memory is changed under ``engine.state`` when the engine has it (a lock guarding learned
 state), so a poll never interleaves with a request's learning.
@@ -21,13 +25,12 @@ state), so a poll never interleaves with a request's learning.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import threading
 
 from ..router.judge import answer_features
-from ..store.sync import SyncCursor
+from ..store.sync import SyncCursor, experiences_since
 from ..trust import TrustState
 from .memory import OUTCOME_VALUE, Memory
 
@@ -35,6 +38,33 @@ log = logging.getLogger(__name__)
 
 #: ids below the highest already in memory that the first poll reads again (late commits at load)
 START_WINDOW = 1000
+
+#: the most recent rows held as unknown whose stored verdict each poll rereads
+WATCH_ROWS = 5000
+
+
+def unknown_rows(memory: Memory, limit: int = WATCH_ROWS) -> list[int]:
+    """Ids of the (at most ``limit``) most recent experiences ``memory`` holds with an unknown
+    outcome (NaN in the index), ascending."""
+    outcome = memory.index.outcome
+    ids = sorted((eid for eid, row in memory.exp_rows.items() if math.isnan(outcome[row])), reverse=True)
+    return sorted(ids[:limit])
+
+
+def apply_verdicts(memory: Memory, rows: list[dict], responses=None) -> int:
+    """Set the index outcome of each row of ``rows`` (experience dicts with ``SYNC_COLUMNS``) that
+    ``memory`` holds as unknown and the store now holds as success or failure, and offer it to
+    the fast-path ``responses`` cache; returns how many changed."""
+    outcome, changed = memory.index.outcome, 0
+    for r in rows:
+        row = memory.exp_rows.get(r["id"])
+        if row is None or r["outcome"] not in OUTCOME_VALUE or not math.isnan(outcome[row]):
+            continue
+        memory.index.set_outcome(row, OUTCOME_VALUE[r["outcome"]])
+        if responses is not None:
+            responses.observe_row(r)
+        changed += 1
+    return changed
 
 
 def absorb(memory: Memory, rows: list[dict], responses=None, vecs=None) -> int:
@@ -116,7 +146,8 @@ class StoreSync:
         interval_s: seconds between two polls of the background thread (:meth:`start`).
 
     Attributes:
-        absorbed: experiences added so far; polls: polls done; error: the last poll's failure
+        absorbed: experiences added so far; verdicts: unknown outcomes set from the store since;
+            polls: polls done; error: the last poll's failure
             (None after a good one; a failed poll is logged and retried at the next interval).
     """
 
@@ -124,7 +155,7 @@ class StoreSync:
         self.dr, self.interval_s = dr, float(interval_s)
         known = max(dr.memory.exp_rows, default=0)
         self.cursor = SyncCursor(dr.store, dr.store.instance_id, max(0, known - START_WINDOW))
-        self.absorbed = self.polls = 0
+        self.absorbed = self.verdicts = self.polls = 0
         self.error: str | None = None
         self._poll_lock = threading.Lock()
         self._stop = threading.Event()
@@ -139,10 +170,16 @@ class StoreSync:
             rows = [r for r in rows if r["model_version_id"] in served]
             vecs = self.dr.memory.encoder.encode_many([r["prompt"] for r in rows]) if rows else None  # unlocked
             engine = self.dr.engine
-            with getattr(engine, "state", None) or contextlib.nullcontext():
+            with engine.state:
                 memory = self.dr.memory
                 n = absorb(memory, rows, self.dr.responses, vecs) if rows else 0
                 reread_trust(memory, self.dr.store)
+                watch = unknown_rows(memory)
+            judged = [r for r in experiences_since(self.dr.store, 0, ids=watch) if r["outcome"] in OUTCOME_VALUE] \
+                if watch else []   # read unlocked; applied only where memory still holds the row as unknown
+            if judged:
+                with engine.state:
+                    self.verdicts += apply_verdicts(self.dr.memory, judged, self.dr.responses)
             self.absorbed += n
             self.polls += 1
             return n
