@@ -384,9 +384,10 @@ def test_server_app_chat_stream_logprobs_and_a_too_long_prompt(live, tmp_path):
     settings, dr = hierarchy(live, tmp_path / "2", n_ctx=8192)   # tiers that claim more than the server has
     with TestClient(create_app(settings, dr=dr)) as c:
         r = c.post("/v1/chat/completions", json={"model": "sensory", "messages": TOO_LONG, "max_tokens": 4})
-        err = r.json()["error"]                                         # then the upstream's 400, named
-        assert r.status_code == 502 and err["code"] == "tier_failed", r.text
+        err = r.json()["error"]                       # then the upstream's 400, named: the client's to fix
+        assert r.status_code == 400 and err["code"] == "context_length_exceeded", r.text
         assert "HTTP 400" in err["message"] and "maximum context length is 2048 tokens" in err["message"]
+        assert dr.engine.cooldown.cooling("sensory") == 0              # one bad request takes no tier away
 
 
 def test_tier_timeout_is_a_failed_call_that_falls_back(live, tmp_path):
@@ -402,8 +403,9 @@ def test_tier_timeout_is_a_failed_call_that_falls_back(live, tmp_path):
 
 def test_upstream_killed_mid_stream_fails_the_call_cleanly(live):
     b = OpenAIBackend(remote_tier(live, logprobs=False))
-    t, out = generate_in_thread(b, LONG, max_tokens=400)
-    time.sleep(2.0)                                                 # it is streaming by now
+    streaming = threading.Event()
+    t, out = generate_in_thread(b, LONG, max_tokens=400, on_text=lambda piece: streaming.set())
+    assert streaming.wait(60), out                                  # killed once the first text has arrived
     live.kill()
     t.join(30)
     assert "gen" not in out and isinstance(out["error"], BackendError), out
