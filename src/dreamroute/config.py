@@ -299,6 +299,8 @@ class ServerConfig(BaseModel):
         cooldown_s: how long a tier whose backend failed is skipped, s, unless its upstream's
             Retry-After says how long (routed requests fall back to another tier meanwhile;
             ``run`` uses it too; see ``router/faults.py``).
+        access_log: uvicorn's access log, one line per HTTP request on stdout (on by default;
+            off saves the server about 0.2 ms of CPU per request: ``DREAMROUTE_SERVER__ACCESS_LOG=false``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -314,6 +316,7 @@ class ServerConfig(BaseModel):
     fast_path: bool = True
     request_timeout_s: float = Field(300.0, gt=0)
     cooldown_s: float = Field(60.0, ge=0)
+    access_log: bool = True
 
     @field_validator("host")
     @classmethod

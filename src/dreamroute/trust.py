@@ -117,11 +117,18 @@ class TrustBook:
 
     def observe(self, version_id: int, context: str, reward: float) -> tuple[TrustState, TrustState]:
         """Apply one reward; returns (before, after)."""
-        before = self.get(version_id, context)
-        a, b = update(before.alpha, before.beta, reward, self.gamma, self.prior)
-        after = TrustState(a, b, before.count + 1)
+        before, after = self.preview(version_id, context, reward)
         self._states[(version_id, context)] = after
         return before, after
+
+    def preview(self, version_id: int, context: str, reward: float,
+                before: TrustState | None = None) -> tuple[TrustState, TrustState]:
+        """What :meth:`observe` would return, changing nothing: (before, after) of one reward, from
+        ``before`` (default the posterior held now). Raises ValueError as :func:`update`."""
+        if before is None:
+            before = self.get(version_id, context)
+        a, b = update(before.alpha, before.beta, reward, self.gamma, self.prior)
+        return before, TrustState(a, b, before.count + 1)
 
     def set_written(self, updates) -> None:
         """Set each updated (version, context) to what the store wrote: ``TrustUpdate``s after

@@ -50,6 +50,18 @@ def _estimate_tokens(text: str) -> int:
 _STALE = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
+def _drain(lines) -> None:
+    """Read what follows ``data: [DONE]`` (the end of the chunked body) so that the connection goes
+    back to the pool: httpx closes a connection whose response is closed before its end, and every
+    call then opened a new one (the OpenAI SDK drains its streams the same way). A failure here
+    is not the answer's: that connection is just not reused."""
+    try:
+        for _ in lines:
+            pass
+    except httpx.HTTPError:
+        pass
+
+
 def _upstream_message(r: httpx.Response) -> str:
     """The message of an upstream's error answer: ``error.message`` (OpenAI, vLLM, llama-server,
     llama-cpp-python), ``error`` as a string (Ollama), ``message`` or ``detail`` (FastAPI), else
@@ -186,7 +198,12 @@ class OpenAIBackend:
     def client(self) -> httpx.Client:
         """The httpx client (created on first use when none was passed in)."""
         if self._client is None:
-            self._client = httpx.Client(timeout=self.tier.timeout_s)
+            # a pool as wide as the tier's calls at once, every connection kept alive between calls
+            # (httpx's default keeps 20 and opens at most 100: past those, each call paid a new
+            # TCP connection, or waited for one, at max_in_flight above them)
+            n = self.tier.in_flight
+            limits = httpx.Limits(max_connections=max(100, n), max_keepalive_connections=max(20, n))
+            self._client = httpx.Client(timeout=self.tier.timeout_s, limits=limits)
         return self._client
 
     def _headers(self) -> dict[str, str]:
@@ -377,7 +394,8 @@ class OpenAIBackend:
             if r.status_code >= 400:
                 r.read()
                 raise self._http_error(url, r)
-            for line in r.iter_lines():
+            lines = r.iter_lines()
+            for line in lines:
                 if deadline is not None and time.perf_counter() > deadline:  # closing the stream stops the server
                     raise self._timed_out(url)
                 line = line.strip()
@@ -385,6 +403,7 @@ class OpenAIBackend:
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
+                    _drain(lines)
                     break
                 if cancel is not None and cancel():  # leaving closes the stream
                     raise GenerationCancelled(completion_tokens=len(lps) if saw_lps else n_chunks,

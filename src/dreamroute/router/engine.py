@@ -41,6 +41,11 @@ scoring, a warm-handoff prefill) goes through its tier's gate; a full queue or a
 ``Request.queue_timeout_s`` raises TierBusyError (no cooldown or fallback; a busy escalation keeps
 the answer it had, a busy audit is dropped). A turn's KV restore, generation and save happen in one
 gate turn. ``Request.on_text`` streams a pinned request's text as it is generated.
+
+Learning is a group commit (:mod:`dreamroute.router.commit`): a request's records are built
+under the state lock, written with those of the requests that finish meanwhile in one
+transaction (one fsync) without the lock, then applied to the learned state in commit order
+under it; the request returns once its records are committed and learned.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from ..eval.graders import get_grader
 from ..signals import Signals, classify_context, drift, instability, novelty, snarc
 from ..store.store import TrustUpdate
 from .memory import OUTCOME_VALUE, BudgetPacer, Memory
+from .commit import GroupCommit
 from .cooldown import Cooldown
 from .faults import Faults
 from .gate import RequestState, TierGate, gated
@@ -139,6 +145,8 @@ class Engine:
         self.metabolic = None  # a MetabolicController (the server's): knobs per request, ATP spent
         self._forced: dict[str, Policy] = {}
         self.faults = Faults(self)
+        self.commits = GroupCommit(lambda batch: self.store.record_many([(e, u) for _, _, e, u in batch]),
+                                   lambda item, ids: self._apply(*item, ids), self.state)
 
     def policy_for(self, request: Request) -> Policy:
         """The engine's policy, or ``always:TIER`` for a request that forces a tier.
@@ -406,22 +414,33 @@ class Engine:
         return out
 
     def learn(self, answer: Answer, outcomes: list[Outcome]) -> list[int]:
-        """Write experiences, trust updates and ledger entries (one transaction), then update memory;
-        all under the state lock (one request's learning at a time). Ends this thread's in-flight
-        reservation of the request's ATP (the pacer has it as spent now, or it was not recorded)."""
+        """Write experiences, trust updates and ledger entries (one transaction, shared with the
+        requests finishing meanwhile: :attr:`commits`), then update memory, in commit order under
+        the state lock; returns once both are done. Nothing is learned before it is committed.
+        Ends this thread's in-flight reservation of the request's ATP (the pacer has it as spent
+        now, or it was not recorded)."""
         try:
+            # a caller that holds the state lock already cannot wait for a batch's leader (who
+            # needs the lock to apply it): its request commits alone, here, as before group commit
+            alone = self.state._is_owned()
             with self.state:
-                return self._learn(answer, outcomes)
+                exps, updates = self._records(answer, outcomes)
+                if alone:
+                    return self._apply(answer, outcomes, exps, updates,
+                                       self.store.record_many([(exps, updates)])[0])
+            return self.commits.submit((answer, outcomes, exps, updates))
         finally:
             self.pacer.release()
 
-    def _learn(self, answer: Answer, outcomes: list[Outcome]) -> list[int]:
+    def _records(self, answer: Answer, outcomes: list[Outcome]) -> tuple[list[dict], list[TrustUpdate]]:
+        """The experiences and trust updates of an answer (changing nothing: the in-memory trust
+        is set from what the store writes, once it is committed)."""
         req, dec = answer.request, answer.decision
         calls = answer.calls
         conflict = 0.0
         if len(calls) >= 2:
             conflict = 0.0 if all(_same_answer(calls[0], c) for c in calls[1:]) else 1.0
-        exps, updates, pending = [], [], []
+        exps, updates, seen = [], [], {}
         # an answer shaped by stop strings or a JSON mode is not the plain messages' answer: never served for them
         key = None if req.options.shapes_text else fastpath_key(req.messages)
         for i, (c, o) in enumerate(zip(answer.calls, outcomes)):
@@ -442,18 +461,19 @@ class Engine:
                 outcome=o.outcome, witness=o.witness, gold=o.gold, predicted=o.predicted, priority=req.priority,
                 messages_hash=key, finish_reason=g.finish_reason))
             if o.reward is not None and c.model_version_id is not None:
-                before, after = self.memory.trust.observe(c.model_version_id, dec.context, o.reward)
+                k = (c.model_version_id, dec.context)
+                before, after = self.memory.trust.preview(*k, o.reward, seen.get(k))
+                seen[k] = after
                 updates.append(TrustUpdate(c.model_version_id, dec.context, before.alpha, before.beta,
                                            after.alpha, after.beta, after.count, [o.witness],
                                            f"{c.role} {o.outcome}", i, reward=o.reward, op="observe",
                                            gamma=self.memory.trust.gamma, prior=self.memory.trust.prior))
-                pending.append((c.model_version_id, dec.context, before))
-        try:
-            ids = self.store.record(exps, updates)
-        except Exception:
-            for vid, ctx, before in pending:  # keep memory equal to the store
-                self.memory.trust.set(vid, ctx, before)
-            raise
+        return exps, updates
+
+    def _apply(self, answer: Answer, outcomes: list[Outcome], exps: list[dict], updates: list[TrustUpdate],
+               ids: list[int]) -> list[int]:
+        """Under the state lock, once the records are committed (``ids``: the experiences'): learn."""
+        req, dec = answer.request, answer.decision
         self.memory.trust.set_written(updates)  # the rows as the store computed them (other routers' included)
         self._remember(answer, outcomes, ids)
         self.pacer.update(answer.atp)

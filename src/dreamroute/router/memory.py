@@ -336,10 +336,10 @@ class Memory:
         on adjacent tiers (an escalation, an audit) teaches ``next_judge`` how the
         lower tier's answer predicts the upper tier's outcome.
         """
-        feats = [self._features(prompt, c) if c.text else None for c in calls]
-        for k, (c, v, f) in enumerate(zip(calls, values, feats)):
-            if f is None or math.isnan(v):
+        for k, (c, v) in enumerate(zip(calls, values)):
+            if not c.text or math.isnan(v):
                 continue
+            f = self._features(prompt, c)   # only for a graded call (most served answers are not, yet)
             ti = self.tier_index[c.tier]
             self.judge.add(ti, f, v)
             if k + 1 < len(calls) and self.tier_index[calls[k + 1].tier] == ti + 1 and not math.isnan(values[k + 1]):

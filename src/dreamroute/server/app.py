@@ -15,7 +15,7 @@ to another. A full queue is refused at once, and a request that waited longer th
 ``server.request_timeout_s`` (for a worker and its tiers' turns together) gives up: 503
 ``tier_busy`` / ``server_busy`` with Retry-After, nothing recorded as an answer. The learned state
 is the engine's, under its lock (``Engine.state``). A request whose client disconnects
-(:class:`~.generation.Disconnect`, polled while it waits and while it runs) stops within a token
+(:class:`~.generation.Disconnect`, watched while it waits and while it runs) stops within a token
 (the backends poll the flag), is recorded as its ATP only, and answers 499; one still waiting for
 its tier never runs. Warm-handoff prefills run only when no request is in flight.
 

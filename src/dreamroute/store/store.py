@@ -35,7 +35,7 @@ from dreamroute.store.migrations import check_sqlite_file, migrate, sqlite_engin
 from dreamroute.store.runs import RunsAndCalibration, read_calibration
 from dreamroute.store.schema import ModelVersion, TrustRow, TrustUpdate, prompt_hash
 from dreamroute.store.sync import experiences_since
-from dreamroute.store.trust_rows import apply_trust, copy_applied
+from dreamroute.store.trust_rows import apply_trust, copy_applied, lock_rows
 from dreamroute.store.url import display, is_url, server_engine
 
 __all__ = ["Store", "ModelVersion", "TrustRow", "TrustUpdate", "VerifyReport", "prompt_hash", "read_calibration"]
@@ -348,20 +348,38 @@ class Store(RunsAndCalibration):
             StoreError: an invalid field, an unknown model version, or a failed
                 write; nothing of the call is kept.
         """
+        return self.record_many([(experiences, trust_updates)])[0]
+
+    def record_many(self, calls: list[tuple[list[dict], list[TrustUpdate]]]) -> list[list[int]]:
+        """Several :meth:`record` calls ``(experiences, trust_updates)`` in ONE transaction (a group
+        commit: one commit, one fsync, for several requests). Each call's rows and entries are
+        what :meth:`record` writes for it (its own default request id), in the order given: the
+        experiences first (one insert), then each call's trust updates and ledger entries, as
+        consecutive record() calls would leave them. All or nothing is kept. Returns each call's
+        new experience ids. Raises StoreError as :meth:`record`."""
         now = T.utc_now()
-        request_id = str(uuid.uuid4())
-        rows = [{**T.experience_row(e, request_id, now), "instance_id": self.instance_id} for e in experiences]
-        for u in trust_updates:
-            if u.experience_index is not None and not 0 <= u.experience_index < len(rows):
-                raise StoreError(f"TrustUpdate.experience_index {u.experience_index} is outside "
-                                 f"the {len(rows)} experiences of this call")
+        rows: list[dict] = []
+        spans: list[tuple[int, int]] = []
+        for experiences, trust_updates in calls:
+            request_id = str(uuid.uuid4())
+            mine = [{**T.experience_row(e, request_id, now), "instance_id": self.instance_id} for e in experiences]
+            for u in trust_updates:
+                if u.experience_index is not None and not 0 <= u.experience_index < len(mine):
+                    raise StoreError(f"TrustUpdate.experience_index {u.experience_index} is outside "
+                                     f"the {len(mine)} experiences of this call")
+            spans.append((len(rows), len(rows) + len(mine)))
+            rows.extend(mine)
         with self._write() as conn:
             ids: list[int] = []
             if rows:
                 stmt = insert(T.experiences).returning(T.experiences.c.id, sort_by_parameter_order=True)
                 ids = list(conn.execute(stmt, rows).scalars())
-            self._apply_trust(conn, trust_updates, ids, now)
-            return ids
+            out = [ids[a:b] for a, b in spans]
+            if self.dialect == "postgresql" and len(calls) > 1:   # one lock order for the whole batch
+                lock_rows(conn, [u for _, us in calls for u in us], now)
+            for (_, trust_updates), call_ids in zip(calls, out):
+                self._apply_trust(conn, trust_updates, call_ids, now)
+            return out
 
     def record_background(self, kind: str, tier: str, tokens: int, atp_joules: float, seconds: float, *,
                           model_version_id: int | None = None, conversation_id: str | None = None,

@@ -140,6 +140,19 @@ def apply_trust(conn: Connection, updates: list[TrustUpdate], ids: list[int], no
     return applied
 
 
+def lock_rows(conn: Connection, updates: list[TrustUpdate], now: str) -> None:
+    """Lock every row ``updates`` touch, in key order, before any is changed: what a transaction
+    holding several calls' updates (``Store.record_many``) does first on PostgreSQL, so that it
+    takes its row locks in one order, as a single call's :func:`apply_trust` does (two such
+    transactions could otherwise wait on each other in a cycle). A missing row is created from
+    the first update's before values, as :func:`apply_trust` would create it."""
+    firsts: dict[tuple[int, str], TrustUpdate] = {}
+    for u in updates:
+        firsts.setdefault((u.model_version_id, u.context), u)
+    for k in sorted(firsts):
+        _lock(conn, k, firsts[k], now)
+
+
 def copy_applied(targets: list[TrustUpdate], applied: list[TrustUpdate]) -> None:
     """After the commit: give the caller's updates the values as applied (before, after, op,
     ``replaces``), so it can set its in-memory trust from the database's row."""
