@@ -100,6 +100,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+from loopback import free_port, pct, wait_http   # noqa: E402 (benchmarks/ is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 DREAMROUTE = str(Path(PY).with_name("dreamroute"))
@@ -138,33 +140,6 @@ def _on_signal(signum, _frame):
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(list(cmd), check=check, capture_output=True, text=True)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
-
-
-def wait_http(url: str, proc: subprocess.Popen | None, timeout: float = 180.0) -> None:
-    t = time.monotonic()
-    while time.monotonic() - t < timeout:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{url}: the process exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer within {timeout:g} s")
 
 
 # ---- the private link -----------------------------------------------------------------------
