@@ -62,6 +62,7 @@ from ..errors import BackendError, GenerationCancelled, RequestError, TierBusyEr
 from ..eval.graders import get_grader
 from ..signals import Signals, classify_context, drift, instability, novelty, snarc
 from ..store.store import TrustUpdate
+from ..trust import TrustState
 from .memory import OUTCOME_VALUE, BudgetPacer, Memory
 from .commit import GroupCommit
 from .cooldown import Cooldown
@@ -474,7 +475,13 @@ class Engine:
                ids: list[int]) -> list[int]:
         """Under the state lock, once the records are committed (``ids``: the experiences'): learn."""
         req, dec = answer.request, answer.decision
-        self.memory.trust.set_written(updates)  # the rows as the store computed them (other routers' included)
+        # the rows as the store holds them now: a verdict (feedback, under this lock) may have been
+        # committed after this batch was written and before this apply, so the batch's own returned
+        # rows can be stale; reread under the lock, they are the latest (other routers' included)
+        for vid, ctx in dict.fromkeys((u.model_version_id, u.context) for u in updates):
+            row = self.store.get_trust(vid, ctx)
+            if row is not None:
+                self.memory.trust.set(vid, ctx, TrustState(row.alpha, row.beta, row.count))
         self._remember(answer, outcomes, ids)
         self.pacer.update(answer.atp)
         (getattr(answer, "_policy", None) or self.policy_for(req)).update(dec, answer, outcomes)

@@ -29,6 +29,8 @@ import logging
 import math
 import threading
 
+import numpy as np
+
 from ..router.judge import answer_features
 from ..store.sync import SyncCursor, experiences_since
 from ..trust import TrustState
@@ -46,9 +48,9 @@ WATCH_ROWS = 5000
 def unknown_rows(memory: Memory, limit: int = WATCH_ROWS) -> list[int]:
     """Ids of the (at most ``limit``) most recent experiences ``memory`` holds with an unknown
     outcome (NaN in the index), ascending."""
-    outcome = memory.index.outcome
-    ids = sorted((eid for eid, row in memory.exp_rows.items() if math.isnan(outcome[row])), reverse=True)
-    return sorted(ids[:limit])
+    index = memory.index
+    ids = index.ids[np.isnan(index.outcome) & (index.ids >= 0)]   # rows without an experience id carry -1
+    return sorted(int(i) for i in np.sort(ids)[-limit:]) if len(ids) else []
 
 
 def apply_verdicts(memory: Memory, rows: list[dict], responses=None) -> int:
