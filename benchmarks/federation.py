@@ -870,7 +870,7 @@ def main() -> None:
         ap.error("--routers must be at least 2")
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    from dreamroute.store.url import hide_password
+    from dreamroute.config.db_url import hide_password
 
     t_start = time.monotonic()
     load_start = os.getloadavg()

@@ -44,7 +44,7 @@ import yaml
 from dreamroute.backends import make_backend
 from dreamroute.config import load_settings
 from dreamroute.eval.generated import generate_problems
-from dreamroute.eval.graders import get_grader
+from dreamroute.grading import get_grader
 from dreamroute.store.store import Store
 
 

@@ -59,7 +59,7 @@ PY = sys.executable
 def sensory_gguf() -> str:
     sys.path.insert(0, str(ROOT / "src"))
     from dreamroute.config import load_settings
-    from dreamroute.registry import resolve_model
+    from dreamroute.backends.registry import resolve_model
     settings = load_settings(None)
     return str(resolve_model(settings.tier("sensory").source, settings.models_dir))
 

@@ -24,7 +24,7 @@ import time
 
 from dreamroute.backends.llama import LlamaBackend
 from dreamroute.config import default_tiers, load_settings
-from dreamroute.registry import resolve_model
+from dreamroute.backends.registry import resolve_model
 
 PROMPT = [{"role": "user", "content": "A shop sells 12 pens a day for 5 days and 7 pens on the sixth day. "
            "How many pens in all? Solve step by step, then end with: The answer is N."}]

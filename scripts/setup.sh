@@ -37,7 +37,7 @@ step "install torch==2.13.0 first (CPU wheel where available)"
 "${PIP[@]}" install torch==2.13.0
 
 # llama.cpp is built for what this CPU executes, as a probe finds by running one instruction of each
-# extension (src/dreamroute/native.py), never from /proc/cpuinfo or -march=native: a virtual machine can
+# extension (src/dreamroute/backends/native.py), never from /proc/cpuinfo or -march=native: a virtual machine can
 # advertise an extension that traps (AMX did here). The wheel is cached under a key of its flags, so a
 # wheel built on another host is reused only when this host's probe asks for the same flags; pip's own
 # cached llama-cpp-python wheels, built with unknown flags, are removed.
@@ -45,7 +45,7 @@ WHEELS="${XDG_CACHE_HOME:-$HOME/.cache}/dreamroute/wheels"
 MARKER="$VENV/llama-build.json"
 install_llama() {  # $1: "" (probed flags) or --safe (every optional x86 extension off)
     local report args key dir
-    report="$("$VENV/bin/python" src/dreamroute/native.py probe $1)"
+    report="$("$VENV/bin/python" src/dreamroute/backends/native.py probe $1)"
     args="$(printf '%s' "$report" | "$VENV/bin/python" -c 'import json,sys; print(" ".join(json.load(sys.stdin)["cmake_args"]))')"
     key="$(printf '%s' "$report" | "$VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["key"])')"
     echo "probe: $(printf '%s' "$report" | "$VENV/bin/python" -c 'import json,sys; p=json.load(sys.stdin)["probe"]; print("executes", " ".join(p["executes"]) or "(not probed)", "| does not:", " ".join(f"{k}({v})" for k,v in p["detail"].items()) or "-")')"
@@ -73,7 +73,7 @@ install_llama() {  # $1: "" (probed flags) or --safe (every optional x86 extensi
 }
 
 step "build llama-cpp-python for the instructions this CPU executes"
-LLAMA_VERSION="$("$VENV/bin/python" -c 'import sys; sys.path.insert(0, "src/dreamroute"); import native; print(native.LLAMA_CPP_PYTHON)')"
+LLAMA_VERSION="$("$VENV/bin/python" -c 'import sys; sys.path.insert(0, "src/dreamroute/backends"); import native; print(native.LLAMA_CPP_PYTHON)')"
 "${PIP[@]}" cache remove llama_cpp_python >/dev/null 2>&1 || true
 LAST_KEY=""
 install_llama ""

@@ -69,8 +69,8 @@ def native_problem() -> str | None:
     if importlib.util.find_spec("llama_cpp") is None:
         return None
     from dreamroute.config import default_tiers
-    from dreamroute.doctor import REBUILD_HINT, run_child
-    from dreamroute.registry import resolve_model
+    from dreamroute.cli.doctor import REBUILD_HINT, run_child
+    from dreamroute.backends.registry import resolve_model
     tier = default_tiers()[0]
     try:
         path = resolve_model(tier.source, Path(tempfile.gettempdir()) / "dreamroute-test-models")
@@ -128,7 +128,7 @@ def pg_url():
         pytest.skip("psycopg is not installed (the postgres extra)")
     from sqlalchemy.engine import make_url
 
-    from dreamroute.store.url import normalise_url
+    from dreamroute.config.db_url import normalise_url
     base = make_url(normalise_url(admin))
     name = f"dr_test_{uuid.uuid4().hex[:16]}"
     libpq = dict(host=base.host, port=base.port or 5432, user=base.username, password=base.password,

@@ -13,10 +13,10 @@ import pytest
 
 from dreamroute.backends import make_backend
 from dreamroute.backends.base import Backend, Generation
-from dreamroute.backends.llama import SCORE_CHUNK
+from dreamroute.backends.llama_logprobs import SCORE_CHUNK
 from dreamroute.backends.openai_http import OpenAIBackend
 from dreamroute.backends.scripted import ScriptedBackend
-from dreamroute.bench import bench_tier
+from dreamroute.bench.calibrate import bench_tier
 from dreamroute.config import ModelSource, Settings, TierConfig, default_tiers
 from dreamroute.backends.options import json_problem
 from dreamroute.errors import BackendError, ConfigError, GenerationCancelled, ModelFileError, OptionError
@@ -126,7 +126,7 @@ def openai_backend(**kw) -> OpenAIBackend:
 def _sensory():
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (bash scripts/setup.sh)")
     from dreamroute.backends.llama import LlamaBackend
-    from dreamroute.registry import resolve_model
+    from dreamroute.backends.registry import resolve_model
 
     tier = default_tiers()[0]
     try:

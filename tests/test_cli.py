@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from dreamroute.cli import app
 from dreamroute.config import default_tiers
-from dreamroute.registry import resolve_model
+from dreamroute.backends.registry import resolve_model
 from dreamroute.store.store import Store
 
 runner = CliRunner()

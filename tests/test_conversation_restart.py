@@ -122,7 +122,7 @@ def test_real_sensory_follow_up_restores_the_same_after_a_restart(tmp_path):
     pytest.importorskip("llama_cpp")
     from dreamroute.backends.llama import LlamaBackend
     from dreamroute.errors import ModelFileError
-    from dreamroute.registry import resolve_model
+    from dreamroute.backends.registry import resolve_model
 
     sensory = default_tiers()[0].model_copy(update={"n_threads": 2, "n_ctx": 2048})
     try:

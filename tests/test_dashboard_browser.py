@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from dreamroute import DreamRoute
-from dreamroute.metabolic import MetabolicConfig, MetabolicController
+from dreamroute.config import MetabolicConfig
+from dreamroute.signals.metabolic import MetabolicController
 from dreamroute.server import create_app
 
 from .conftest import TIERS, problem_answers, scripted_backends, scripted_settings

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dreamroute.api import DreamRoute
-from dreamroute.metabolic import MetabolicConfig, MetabolicController
+from dreamroute.config import MetabolicConfig
+from dreamroute.signals.metabolic import MetabolicController
 from dreamroute.server.dashboard import dashboard_data, dashboard_page
 
 from .conftest import problem_answers, scripted_backends, scripted_settings

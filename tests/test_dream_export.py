@@ -43,7 +43,7 @@ B_STD = 0.4
 def tier_gguf(name: str) -> Path:
     """The tier's assembled GGUF, or skip: a single-part source is used in place (sidecar in a temp
     dir); a multi-part one only if ``dreamroute models fetch`` already assembled it."""
-    from dreamroute.registry import resolve_model
+    from dreamroute.backends.registry import resolve_model
 
     tier = next(t for t in default_tiers() if t.name == name)
     src = tier.source

@@ -27,7 +27,7 @@ def test_teacher_topk_matches_scoring_the_answer():
     from dreamroute.config import default_tiers
     from dreamroute.dream.labels import shared_vocabulary, teacher_topk
     from dreamroute.errors import ModelFileError
-    from dreamroute.registry import resolve_model
+    from dreamroute.backends.registry import resolve_model
 
     tier = default_tiers()[0]
     try:

@@ -20,13 +20,15 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, event, given, settings as hsettings, strategies as st
 
 from dreamroute import DreamRoute
-from dreamroute.backends.openai_http import OpenAIBackend, parse_retry_after
+from dreamroute.backends.openai_http import OpenAIBackend
+from dreamroute.backends.openai_upstream import parse_retry_after
 from dreamroute.backends.scripted import ScriptedBackend
 from dreamroute.cache.reuse import Prefill
 from dreamroute.config import ServerConfig, TierConfig
 from dreamroute.errors import BackendError, NoTierAvailableError, TierCoolingError, TierError
 from dreamroute.eval.runner import run_workload
-from dreamroute.metabolic import MetabolicConfig, MetabolicController
+from dreamroute.config import MetabolicConfig
+from dreamroute.signals.metabolic import MetabolicController
 from dreamroute.server import create_app
 from dreamroute.store.store import Store
 

@@ -11,18 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dreamroute.errors import ConfigError
-from dreamroute.eval.graders import (
-    ChoiceGrader,
-    ExactGrader,
-    Grade,
-    Grader,
-    NumberGrader,
-    format_number,
-    get_grader,
-    grader_names,
-    normalize_text,
-    parse_number,
-)
+from dreamroute.grading import (ChoiceGrader, ExactGrader, Grade, Grader, NumberGrader, format_number, get_grader, grader_names, normalize_text, parse_number)
 
 OUTCOMES = Path("/work/shared/data/local_tiers/gsm8k_test_outcomes.jsonl")
 

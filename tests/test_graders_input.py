@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dreamroute.eval.graders import ChoiceGrader, NumberGrader
+from dreamroute.grading import ChoiceGrader, NumberGrader
 
 SEPARATORS = [",", " ", "\u00a0", "\u202f", "\u2009", "{,}", "\\,", "\\ "]
 WRAPS = [

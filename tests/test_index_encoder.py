@@ -12,7 +12,7 @@ from dreamroute.errors import ConfigError
 from dreamroute.router import encoder as encoder_mod
 from dreamroute.router.encoder import MiniLMEncoder, NgramEncoder, make_encoder, minilm_folder
 from dreamroute.router.index import ExperienceIndex, faiss
-from dreamroute.signals import FeatureEncoder
+from dreamroute.signals.features import FeatureEncoder
 
 PROMPTS = ["Natalia sold clips to 48 of her friends in April.", "Natalia sold clips to 48 friends in May.",
            "Weng earns $12 an hour for babysitting.", "The quick brown fox jumps over the lazy dog."]
@@ -171,7 +171,7 @@ def test_large_tiers_use_hnsw_with_recall_at_20_of_at_least_095():
 
 
 def test_memory_uses_the_configured_encoder_and_index(tmp_path):
-    from dreamroute.atp import estimated_cost
+    from dreamroute.signals.atp import estimated_cost
     from dreamroute.config import RouterConfig
     from dreamroute.router.memory import Memory
     mem = Memory(["a", "b"], RouterConfig(ann_min_rows=5), {t: estimated_cost(0.5, 15.0) for t in "ab"})

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from dreamroute import DreamRoute
+from dreamroute.router.dual_pacer import BudgetPacer
 from dreamroute.router.inflight import InFlight
-from dreamroute.router.memory import BudgetPacer
 from dreamroute.router.pacing import SpendController
 
 from .conftest import problem_answers, scripted_backends, scripted_settings

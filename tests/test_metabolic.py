@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from dreamroute.metabolic import Action, MetabolicConfig, MetabolicController, State
+from dreamroute.signals.metabolic import Action, MetabolicController, State
+from dreamroute.config import MetabolicConfig
 
 TIERS = ["sensory", "tactical", "specialized"]
 

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dreamroute import DreamRoute
-from dreamroute.metabolic import MetabolicConfig, MetabolicController, State
+from dreamroute.config import MetabolicConfig
+from dreamroute.signals.metabolic import MetabolicController, State
 from dreamroute.server import create_app
 
 from .conftest import TIERS, scripted_settings

@@ -10,10 +10,10 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from dreamroute import doctor
+from dreamroute.cli import doctor
 from dreamroute.backends.threads import CoreShare
 from dreamroute.cli import app
-from dreamroute.native import Probe, build_key, cmake_args, probe
+from dreamroute.backends.native import Probe, build_key, cmake_args, probe
 
 ALL = ["sse42", "avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512cd", "avx512vl", "avx512dq",
        "avx512bw", "avx512vbmi", "avx512vnni", "avx512bf16", "avxvnni", "amx_tile"]

@@ -12,7 +12,8 @@ import time
 import httpx
 import pytest
 
-from dreamroute.backends.openai_http import OpenAIBackend, _echo_shift
+from dreamroute.backends.openai_http import OpenAIBackend
+from dreamroute.backends.openai_score import _echo_shift
 from dreamroute.config import TierConfig
 from dreamroute.errors import BackendError
 

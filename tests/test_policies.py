@@ -7,15 +7,18 @@ import math
 import numpy as np
 import pytest
 
-from dreamroute.atp import estimated_cost
+from dreamroute.signals.atp import estimated_cost
 from dreamroute.backends.base import Generation
 from dreamroute.config import RouterConfig
 from dreamroute.errors import ConfigError
-from dreamroute.router.memory import BudgetPacer, Memory
-from dreamroute.router.policies import CascadePolicy, DreamroutePolicy, RandomPolicy, RouteView, make_policy
+from dreamroute.router.baselines import CascadePolicy, RandomPolicy
+from dreamroute.router.dual_pacer import BudgetPacer
+from dreamroute.router.memory import Memory
+from dreamroute.router.policies import DreamroutePolicy, make_policy
+from dreamroute.router.policy_base import RouteView
 from dreamroute.router.types import Call, Request
-from dreamroute.signals import Signals
-from dreamroute.trust import TrustState
+from dreamroute.signals.features import Signals
+from dreamroute.signals.trust import TrustState
 
 TIERS = ["sensory", "tactical", "specialized"]
 PARAMS_B = {"sensory": 0.135, "tactical": 0.5, "specialized": 1.5}

@@ -16,7 +16,8 @@ from dreamroute.backends.scripted import ScriptedBackend
 from dreamroute.config import Settings, TierConfig
 from dreamroute.errors import BackendError, WorkloadError
 from dreamroute.eval.collect import collect
-from dreamroute.eval.recorded import load_recorded, oracle_tier, tier_accuracy
+from dreamroute.eval.recorded import load_recorded
+from dreamroute.eval.recorded_set import oracle_tier, tier_accuracy
 from dreamroute.eval.workloads import load_workload
 
 from .conftest import TIERS, scripted_backends, scripted_settings
@@ -384,7 +385,7 @@ def test_collect_subset_of_tiers_and_limit(tmp_path):
 def test_real_collect_on_sensory_matches_the_recorded_prompt(tmp_path):
     """One real call (sensory, one GSM8K question) is recorded the way local_tiers was."""
     from dreamroute.config import default_tiers
-    from dreamroute.registry import resolve_model
+    from dreamroute.backends.registry import resolve_model
 
     tier = default_tiers()[0].model_copy(update={"n_threads": 1})
     models = Path("/tmp/dreamroute-test-models")

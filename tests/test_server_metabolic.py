@@ -13,7 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dreamroute import DreamRoute
 from dreamroute.backends.scripted import ScriptedBackend
-from dreamroute.metabolic import MetabolicConfig, MetabolicController, State
+from dreamroute.config import MetabolicConfig
+from dreamroute.signals.metabolic import MetabolicController, State
 from dreamroute.server import create_app
 
 from .conftest import TIERS, scripted_settings

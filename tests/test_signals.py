@@ -12,8 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dreamroute.config import RouterConfig
-from dreamroute.signals import (ExperienceIndex, FeatureEncoder, SurpriseStats, classify_context, drift,
-                                instability, logistic, novelty, snarc, top_k)
+from dreamroute.signals.features import (ExperienceIndex, FeatureEncoder, SurpriseStats, classify_context, drift, instability, logistic, novelty, snarc, top_k)
 
 CFG = RouterConfig()
 ENC = FeatureEncoder()

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dreamroute.trust import TrustBook, TrustState, forget, mean, update
+from dreamroute.signals.trust import TrustBook, TrustState, forget, mean, update
 
 rewards = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
 reward_seqs = st.lists(rewards, min_size=0, max_size=200)

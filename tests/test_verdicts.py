@@ -18,7 +18,7 @@ from dreamroute.errors import FeedbackConflictError
 from dreamroute.store import schema as T
 from dreamroute.store.ledger import canonical_json, entry_hash
 from dreamroute.store.migrations import MIGRATIONS, sqlite_engine
-from dreamroute.trust import TrustBook, replace_reward
+from dreamroute.signals.trust import TrustBook, replace_reward
 
 from .conftest import TIERS, scripted_settings
 

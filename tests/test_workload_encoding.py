@@ -72,13 +72,13 @@ def test_line_ends_and_a_byte_order_mark_read_as_in_text_mode(tmp_path):
 
 def test_run_stops_cleanly_on_a_bad_byte_and_keeps_the_answers_before_it(tmp_path, monkeypatch):
     import dreamroute.api
-    import dreamroute.cli
+    import dreamroute.cli.run
     from dreamroute.cli import app
 
     lines = records(4)
     answers = {json.loads(line)["prompt"]: (json.loads(line)["answer"], 1) for line in lines}
     backends = scripted_backends(answers)
-    monkeypatch.setattr(dreamroute.cli, "_settings", lambda config, db: scripted_settings(tmp_path))
+    monkeypatch.setattr(dreamroute.cli.run, "settings_for", lambda config, db: scripted_settings(tmp_path))
     monkeypatch.setattr(dreamroute.api, "make_backend", lambda tier, settings, seed=0: backends[tier.name])
     wl, db, out = tmp_path / "w.jsonl", tmp_path / "s.db", tmp_path / "r.json"
     column = corrupt(wl, lines, 2, 5, 0xE9)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from dreamroute.errors import WorkloadError
 from dreamroute.eval.generated import THEMES, generate_problems
-from dreamroute.eval.graders import get_grader
+from dreamroute.grading import get_grader
 from dreamroute.eval.workloads import (
     GSM8K_PROMPT,
     Item,

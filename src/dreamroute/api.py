@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .atp import TierCost, cost_from_calibration, estimated_cost
+from .signals.atp import TierCost, cost_from_calibration, estimated_cost
 from .backends import make_backend
 from .backends.base import Backend, CancelCheck, GenOptions
 from .cache.reality import RealityCache
@@ -34,7 +34,7 @@ def tier_costs(settings: Settings, store: Store, identities: dict[str, str]) -> 
     """ATP model per tier: the ``bench`` calibration in this store, else the one in the
     machine's default store (calibration describes the machine, not a run; that store is
     read-only here, never created or migrated), else the estimate by model size
-    (:func:`dreamroute.atp.estimated_cost`)."""
+    (:func:`dreamroute.signals.atp.estimated_cost`)."""
     default_db = settings.data_dir / "dreamroute.db"
     other = Path(store.path or "") != default_db
     out = {}

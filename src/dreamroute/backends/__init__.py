@@ -21,7 +21,7 @@ def make_backend(tier: "TierConfig", settings: "Settings", *, seed: int = 0) -> 
     """Build the backend of one tier.
 
     * ``llama``: resolves the weights with
-      :func:`dreamroute.registry.resolve_model` into ``settings.models_dir``
+      :func:`dreamroute.backends.registry.resolve_model` into ``settings.models_dir``
       (assembling and sha256-checking them on first use), then a
       :class:`~dreamroute.backends.llama.LlamaBackend` (the model loads lazily).
     * ``openai``: an :class:`~dreamroute.backends.openai_http.OpenAIBackend`.
@@ -34,7 +34,7 @@ def make_backend(tier: "TierConfig", settings: "Settings", *, seed: int = 0) -> 
         ConfigError: a ``scripted`` tier, or an unknown backend.
     """
     if tier.backend == "llama":
-        from ..registry import resolve_model
+        from .registry import resolve_model
 
         if tier.n_threads is None and settings.threads:
             tier = tier.model_copy(update={"n_threads": settings.threads})

@@ -19,9 +19,10 @@ How the numbers are obtained (``logits_all=False`` throughout, so no
   the template's; ``top_logprobs`` come from the same logits row; a JSON
   ``response_format`` is a llama.cpp grammar in the sampler chain (as
   ``create_chat_completion`` builds it); ``cancel`` is polled after each token.
-* score(): the prompt is decoded in chunks of at most 64 tokens with logits
-  requested for every position of the chunk (llama.cpp batch API), so the
-  logits buffer holds at most 64 × n_vocab floats. Log-probabilities already
+* score() (:mod:`.llama_logprobs`, as is generate()'s logits readout): the
+  prompt is decoded in chunks of at most 64 tokens with logits requested for
+  every position of the chunk (llama.cpp batch API), so the logits buffer holds
+  at most 64 × n_vocab floats. Log-probabilities already
   computed by an earlier score() of a prompt sharing the prefix are reused.
   Generated tokens' log-probabilities are not reused for scoring: llama.cpp's
   one-token decode and its batched decode differ numerically (up to ~0.2 nats
@@ -36,32 +37,28 @@ How the numbers are obtained (``logits_all=False`` throughout, so no
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
-
 from ..config import TierConfig
 from ..errors import BackendError, GenerationCancelled
-from ..registry import sha256_file
-from .base import CancelCheck, Generation, Message, TokenLogprob, common_prefix
+from .registry import sha256_file
+from .base import CancelCheck, Generation, Message, TokenLogprob
+from .llama_logprobs import LlamaLogprobs
 from .llama_state import LlamaKVState
-from .options import TextEmitter, check_options, earliest_stop, llama_grammar, log_softmax_top, trim_details
+from .options import TextEmitter, check_options, earliest_stop, llama_grammar, trim_details
 from .threads import CoreShare
 
-SCORE_CHUNK = 64
 
-
-class LlamaBackend(LlamaKVState):
+class LlamaBackend(LlamaLogprobs, LlamaKVState):
     """A GGUF model run in this process by llama-cpp-python.
 
     Args:
         tier: the tier's config (``n_ctx``, ``n_batch``, ``n_threads``; without
             ``n_threads`` each call uses one thread per core that other processes
             leave free, see :mod:`dreamroute.backends.threads`).
-        model_path: the resolved GGUF (see :func:`dreamroute.registry.resolve_model`).
+        model_path: the resolved GGUF (see :func:`dreamroute.backends.registry.resolve_model`).
         seed: default sampling seed.
 
     Attributes:
@@ -251,22 +248,6 @@ class LlamaBackend(LlamaKVState):
         """Token ids of the chat-templated prompt (see :meth:`prompt_and_stops`)."""
         return self.prompt_and_stops(messages)[0]
 
-    def _logprob_last(self, token: int, k: int = 0) -> tuple[float, list[tuple[int, float]]]:
-        """log-softmax of the last-position logits at ``token`` (natural log), and the ``k`` most
-        likely tokens there as ``(id, logprob)`` (:func:`~.options.log_softmax_top`)."""
-        import llama_cpp
-        llm = self._llm
-        row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1),
-                                    shape=(llm.n_vocab(),))
-        return log_softmax_top(row, token, k)
-
-    def _detail(self, tok: int, lp: float, alts: list[tuple[int, float]]) -> TokenLogprob:
-        """A generated token as a TokenLogprob (its piece's bytes; alternatives with theirs)."""
-        def piece(t: int, logprob: float, top=()) -> TokenLogprob:
-            b = self._llm.detokenize([t])
-            return TokenLogprob(b.decode("utf-8", errors="ignore"), b, logprob, top)
-        return piece(tok, lp, tuple(piece(t, v) for t, v in alts))
-
     # ------------------------------------------------------------------ generate
 
     def generate(self, messages: list[Message], *, max_tokens: int = 320,
@@ -379,86 +360,3 @@ class LlamaBackend(LlamaKVState):
             cached_tokens=max(cached, 0), model=self.identity,
             extra={"tier": self.tier.name, "eog_logprob": eog[1] if eog else None},
             token_details=trim_details(details, len(text)) if opts.logprobs else None)
-
-    # ------------------------------------------------------------------ score
-
-    def score(self, messages: list[Message], *, new_only: bool = False) -> list[float]:
-        """Natural-log probability of each prompt token given those before it.
-
-        Args:
-            new_only: score only the tokens the KV cache does not hold yet (a new
-                conversation turn after a restore), evaluating them once: the
-                surprise of the turn, computed while it is prefilled.
-
-        Returns:
-            ``prompt_tokens - 1`` floats (all ``<= 0``) for the chat-templated prompt
-            (generation prompt included), i.e. exactly the tokens generate() evaluates;
-            with ``new_only``, the last ``m`` of them, where ``m`` is the number of
-            prompt tokens after the prefix the KV cache held (the first token has no
-            log-probability, so at most ``prompt_tokens - 1``; ``[]`` when all are held).
-
-        Raises:
-            BackendError: prompt too long for ``n_ctx``, or llama.cpp failed.
-        """
-        import llama_cpp
-        tokens, _ = self.prompt_and_stops(messages)
-        llm = self._llm
-        n = len(tokens)
-        p = common_prefix(self._lp_tokens, tokens)
-        known = self._lp[: max(p - 1, 0)]
-        q = common_prefix(llm._input_ids.tolist(), tokens)
-        need_from = max(p - 1, 0)  # first position whose logits are needed
-        if new_only:
-            if q >= n:
-                return []
-            # token j's log-probability comes from the logits at position j − 1: re-evaluate one held token
-            need_from = start = max(q - 1, 0)
-            known = known[:need_from] if len(known) >= need_from else None
-        elif len(known) >= n - 1:
-            if q >= n:
-                return known[: n - 1]
-            start = q
-        else:
-            start = min(q, need_from)
-        new: list[float] = []
-        n_vocab = llm.n_vocab()
-        try:
-            if not llm._ctx.kv_cache_seq_rm(-1, start, -1):
-                start = 0
-                llm._ctx.kv_cache_seq_rm(-1, 0, -1)
-            chunk = max(1, min(SCORE_CHUNK, llm.n_batch))
-            for i in range(start, n, chunk):
-                piece = tokens[i: i + chunk]
-                want = (new_only or len(known) < n - 1) and i + len(piece) - 1 >= need_from
-                llm._batch.set_batch(batch=piece, n_past=i, logits_all=want)
-                llm._ctx.decode(llm._batch)
-                llm.input_ids[i: i + len(piece)] = piece
-                llm.n_tokens = i + len(piece)
-                if not want:
-                    continue
-                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm._ctx.ctx),
-                                               shape=(len(piece), n_vocab))
-                lo = max(need_from - i, 0)
-                hi = min(len(piece), n - 1 - i)  # the last token predicts nothing in the prompt
-                if hi <= lo:
-                    continue
-                x = logits[lo:hi]
-                m = x.max(axis=1, keepdims=True)
-                lse = m[:, 0].astype(np.float64) + np.log(np.exp(x - m).sum(axis=1, dtype=np.float64))
-                nxt = np.asarray(tokens[i + lo + 1: i + hi + 1])
-                new.extend((x[np.arange(hi - lo), nxt].astype(np.float64) - lse).tolist())
-            llm._requires_eval = False  # the last decode produced the last token's logits
-        except Exception as e:
-            self.reset()
-            raise self._err("scoring failed", e) from e
-        if new_only:
-            if known is not None:  # the scores of earlier tokens are still valid: keep them all
-                self._lp_tokens, self._lp = list(tokens), known + new
-            if self._batched >= start and n - start >= 2:
-                self._batched = n
-            return new
-        out = known + new if len(known) < n - 1 else known[: n - 1]
-        self._lp_tokens, self._lp = list(tokens), out
-        if self._batched >= start and n - start >= 2:
-            self._batched = n
-        return out

@@ -1,7 +1,7 @@
 """The replay backend: answers from recorded outcomes instead of running a model.
 
 ``dreamroute simulate`` drives the real router (the same :class:`~dreamroute.router.engine.Engine`
-as live runs) over a :class:`~dreamroute.eval.recorded.RecordedSet`, with one
+as live runs) over a :class:`~dreamroute.eval.recorded_set.RecordedSet`, with one
 :class:`ReplayBackend` per recorded tier. All tiers' backends share one
 :class:`ReplayCursor`; before each request the driver selects the item::
 
@@ -49,7 +49,7 @@ class ReplayCursor:
     """The item being replayed, shared by every tier's :class:`ReplayBackend`.
 
     Attributes:
-        recorded: the :class:`~dreamroute.eval.recorded.RecordedSet`.
+        recorded: the :class:`~dreamroute.eval.recorded_set.RecordedSet`.
         key: the selected item's key (None before the first :meth:`select`).
         calls: generate() calls per tier over the whole replay.
         item_calls: tiers called for the selected item, in order (reset by :meth:`select`).
@@ -85,7 +85,7 @@ class ReplayCursor:
 
     @property
     def item(self):
-        """The selected :class:`~dreamroute.eval.recorded.RecordedItem` (BackendError when none)."""
+        """The selected :class:`~dreamroute.eval.recorded_set.RecordedItem` (BackendError when none)."""
         if self._item is None:
             raise BackendError("replay: no item selected; call select(item_key) before each request")
         return self._item
@@ -96,7 +96,7 @@ class ReplayBackend:
 
     Args:
         tier: a tier of ``recorded``.
-        recorded: the :class:`~dreamroute.eval.recorded.RecordedSet`.
+        recorded: the :class:`~dreamroute.eval.recorded_set.RecordedSet`.
         identity: the model identity (default ``recorded:<model>@<digest[:12]>``).
         cursor: the shared :class:`ReplayCursor` (default: a new one; use
             :func:`replay_backends` to build all tiers with one cursor).

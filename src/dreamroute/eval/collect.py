@@ -38,7 +38,7 @@ from ..api import tier_costs
 from ..config import Settings
 from ..errors import ConfigError, WorkloadError
 from ..store.store import Store
-from .graders import get_grader
+from ..grading import get_grader
 from .workloads import GSM8K_PROMPT, Item, load_workload
 
 __all__ = ["collect", "read_collected", "MAX_TOKENS"]

@@ -29,7 +29,7 @@ import random
 from dataclasses import dataclass
 
 from dreamroute.errors import WorkloadError
-from dreamroute.eval.workloads import GSM8K_PROMPT, Item
+from dreamroute.eval.items import GSM8K_PROMPT, Item
 
 __all__ = ["generate_problems", "apply_step", "THEMES"]
 

@@ -24,7 +24,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .recorded import RecordedCall, RecordedItem, RecordedSet, recorded_digest
+from .recorded_set import RecordedCall, RecordedItem, RecordedSet, recorded_digest
 
 TIERS = ("swift", "steady", "sage")
 COSTS = (1.0, 4.0, 10.0)
@@ -136,7 +136,7 @@ def arrange(pool: list[Levelled], pattern: str, n: int, *, seed: int = 0, shift:
 
 def recording(items: list[Levelled], *, tiers: tuple[str, ...] = TIERS, costs: tuple[float, ...] = COSTS,
               noise: float = 0.0, jitter: float = 0.2, seed: int = 0, name: str = "shifted") -> RecordedSet:
-    """A :class:`~dreamroute.eval.recorded.RecordedSet` of ``items`` in this order (kind ``outcomes``):
+    """A :class:`~dreamroute.eval.recorded_set.RecordedSet` of ``items`` in this order (kind ``outcomes``):
     tier i answers item x correctly iff i ≥ level(x) (each grade flipped with probability
     ``noise``); its call costs ``costs[i]`` × U[1 − jitter, 1 + jitter] J (``atp_joules``, no
     token counts). Every answer has the same text, so nothing but the prompt tells a router

@@ -24,12 +24,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..api import DreamRoute
 from ..backends.replay import ReplayBackend, ReplayCursor
 from ..config import Settings, TierConfig
-from ..router.policies import _Base
+from ..router.policy_base import _Base
 from ..router.types import Outcome, Request
 from ..store.store import Store
 from . import metrics
 from .spend import spend_summary
-from .recorded import RecordedItem, RecordedSet, load_recorded, oracle_tier
+from .recorded import load_recorded
+from .recorded_set import RecordedItem, RecordedSet, oracle_tier
 
 
 class OraclePolicy(_Base):

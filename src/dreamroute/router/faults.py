@@ -20,7 +20,7 @@ The rules (README, "Faults"):
   (surprise scoring, earlier calls), tier t is affordable when
   ``(spent + so_far + E[ATP_t]) / (n + 1) <= B``, i.e. ``E[ATP_t] <= B·(n+1) − spent − so_far``:
   the running average, with this request counted, stays within the budget
-  (:meth:`~dreamroute.router.memory.BudgetPacer.allows`, the same test an audit passes).
+  (:meth:`~dreamroute.router.dual_pacer.BudgetPacer.allows`, the same test an audit passes).
   E[ATP_t] is the policy's estimate for this request (``Decision.expected_atp``) or, for a
   policy without one, :meth:`~dreamroute.router.memory.Memory.expected_atp` (the mean ATP of
   the tier's nearest experiences, else its mean, else the cost model). No budget: every tier

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from ..errors import FeedbackConflictError, RequestError
 from ..store.store import TrustUpdate
 from ..store.verdicts import Verdict, ledger_verdict, verdict_of
-from ..trust import TrustState
+from ..signals.trust import TrustState
 from .memory import OUTCOME_VALUE
 from .types import Outcome
 

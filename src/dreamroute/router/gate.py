@@ -36,18 +36,6 @@ from ..errors import GenerationCancelled, TierBusyError
 POLL_S = 0.02
 """How often a waiter checks its cancel check, s."""
 
-DEFAULT_IN_FLIGHT = {"llama": 1, "openai": 8}
-"""Calls at once per backend kind when ``max_in_flight`` is not configured; any other kind
-(scripted, replay: nothing to protect) gets :data:`UNLIMITED_IN_FLIGHT`."""
-UNLIMITED_IN_FLIGHT = 64
-
-
-def default_in_flight(backend: str) -> int:
-    """The default ``max_in_flight`` of a backend kind: 1 for ``llama`` (one generation at a time:
-    a llama.cpp model in process is not thread-safe), 8 for ``openai``, 64 otherwise."""
-    return DEFAULT_IN_FLIGHT.get(backend, UNLIMITED_IN_FLIGHT)
-
-
 class _Ticket:
     __slots__ = ("exclusive",)
 

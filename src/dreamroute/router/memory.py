@@ -2,8 +2,9 @@
 
 Constructors store parameters; everything learned lives here: the experience
 index, trust per (model version, context), surprise statistics, the
-confidence → success calibration and the learned answer judge of each tier,
-and budget pacing.
+confidence → success calibration (:mod:`~dreamroute.router.calibration`) and the
+learned answer judge of each tier. Budget pacing is the pacer's
+(:mod:`~dreamroute.router.pacing`, :mod:`~dreamroute.router.dual_pacer`).
 """
 
 from __future__ import annotations
@@ -13,18 +14,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..atp import TierCost
+from ..signals.atp import TierCost
 from ..config import CONTEXTS, RouterConfig
-from ..errors import ConfigError
-from ..signals import SurpriseStats
+from ..signals.features import SurpriseStats
 from ..store.conversations import last_answer
-from ..trust import TrustBook, TrustState
+from ..signals.trust import TrustBook, TrustState
+from .calibration import ConfidenceCalibration
 from .encoder import make_encoder
 from .index import ExperienceIndex
-from .inflight import InFlight
 from .judge import AnswerJudge, answer_features
 
-CONF_BINS = 5
 OUTCOME_VALUE = {"success": 1.0, "failure": 0.0}
 
 
@@ -48,130 +47,6 @@ class TierStats:
 
     def mean_atp(self) -> float | None:
         return self.atp / self.n if self.n else None
-
-
-class ConfidenceCalibration:
-    """How a tier's answer confidence predicts its success, learned from outcomes.
-
-    Confidence in [0, 1] is cut into ``CONF_BINS`` equal bins (plus one for
-    "no signal"); each bin counts successes and trials per tier. ``adjust``
-    combines an item-level prior p (the tier's p̂ for this prompt) with the
-    bin by Bayes' rule in odds form, assuming the bin and the prompt's
-    neighbours are independent evidence (naive Bayes):
-
-        logit P(success | x, c) = logit p̂(x) + logit P(success | c) − logit P(success)
-
-    with Laplace-smoothed rates. A bin with no observations leaves p̂ unchanged.
-    """
-
-    def __init__(self, n_tiers: int):
-        self.success = np.zeros((n_tiers, CONF_BINS + 1))
-        self.trials = np.zeros((n_tiers, CONF_BINS + 1))
-
-    @staticmethod
-    def bin(confidence: float | None) -> int:
-        if confidence is None or not math.isfinite(confidence):
-            return CONF_BINS  # the "no signal" bin
-        return min(CONF_BINS - 1, max(0, int(confidence * CONF_BINS)))
-
-    def add(self, tier: int, confidence: float | None, outcome: float) -> None:
-        b = self.bin(confidence)
-        self.trials[tier, b] += 1
-        self.success[tier, b] += outcome
-
-    def adjust(self, tier: int, confidence: float | None, prior: float) -> float:
-        return self.adjust_bin(tier, self.bin(confidence), prior)
-
-    def bin_distribution(self, tier: int) -> np.ndarray | None:
-        """P(bin | tier) over the bins seen so far (Laplace-smoothed over them), or None before any."""
-        seen = self.trials[tier] > 0
-        if not seen.any():
-            return None
-        w = np.where(seen, self.trials[tier] + 1.0, 0.0)
-        return w / w.sum()
-
-    def adjust_bin(self, tier: int, b: int, prior: float) -> float:
-        if self.trials[tier, b] == 0:
-            return prior
-        p_bin = (self.success[tier, b] + 1.0) / (self.trials[tier, b] + 2.0)
-        p_all = (self.success[tier].sum() + 1.0) / (self.trials[tier].sum() + 2.0)
-        p = min(1 - 1e-6, max(1e-6, prior))
-        z = _logit(p) + _logit(p_bin) - _logit(p_all)
-        return 1.0 / (1.0 + math.exp(-z))
-
-
-def _logit(p: float) -> float:
-    return math.log(p / (1.0 - p))
-
-
-class BudgetPacer(InFlight):
-    """Budget-paced λ, so the running average ATP per request follows the budget B.
-
-    Spending is smoothed with an exponential moving average over about
-    ``horizon`` requests, s ← s + (a_t − s)/H, and λ follows a multiplicative
-    dual update, log λ ← log λ + η (s / B − 1), clipped to [λ_min, λ_max]
-    (online dual descent on the budget constraint, as in budget pacing for
-    ad auctions: Balseiro & Gur 2019, "Learning in repeated auctions with
-    budgets"; the update is in log space so one rule works whatever the
-    ratio of a tier's ATP to the budget, and it is smoothed so that, within a
-    window, λ is nearly constant and the requests with the best gain per
-    joule are the ones that get the expensive tiers). Without a budget (None)
-    nothing is priced; a budget of 0 prices every call that costs anything out.
-    """
-
-    LAMBDA_MIN = 1e-4
-    LAMBDA_MAX = 1e4
-
-    def __init__(self, budget: float | None, rate: float, lam0: float = 1.0, horizon: int = 50):
-        if budget is not None and not budget >= 0:
-            raise ConfigError(f"budget must be >= 0 J per request (or omitted for no budget), got {budget}")
-        self.budget = budget
-        self.rate = rate
-        self.horizon = horizon
-        self.lam = min(self.LAMBDA_MAX, max(self.LAMBDA_MIN, lam0)) if budget else 0.0
-        self.smoothed = budget or 0.0
-        self.spent = 0.0
-        self.n = 0
-
-    def charge(self, atp: float) -> None:
-        """Spend ``atp`` J outside any request (background work, e.g. a warm-handoff prefill):
-        it counts toward the running average of the next requests."""
-        self.spent += atp
-        self.smoothed += atp / min(max(self.n, 1), self.horizon)
-
-    def update(self, atp: float) -> None:
-        self.spent += atp
-        self.n += 1
-        self.smoothed += (atp - self.smoothed) / min(self.n, self.horizon)
-        if self.budget:
-            step = self.rate * (self.smoothed / self.budget - 1.0)
-            self.lam = min(self.LAMBDA_MAX, max(self.LAMBDA_MIN, self.lam * math.exp(max(-5.0, min(5.0, step)))))
-
-    @property
-    def average(self) -> float:
-        return self.spent / self.n if self.n else 0.0
-
-    @property
-    def binding(self) -> bool:
-        """True while the budget constrains spending (λ above its floor, or a zero budget)."""
-        return self.budget is not None and (self.budget == 0 or self.lam > 2 * self.LAMBDA_MIN)
-
-    def allows(self, extra: float) -> bool:
-        """True when spending ``extra`` more now keeps the running average within budget (other
-        threads' requests in flight counted as spent: :class:`~.inflight.InFlight`)."""
-        if self.budget is None:
-            return True
-        n_other, j_other = self.others()
-        return (self.spent + j_other + extra) / (self.n + n_other + 1) <= self.budget + 1e-12
-
-    def price(self, atp: float) -> float:
-        """λ · ATP / B, the cost term in p̂ − λ·ATP (ATP normalised by the budget); ∞ for a
-        call that costs anything under a zero budget."""
-        if self.budget is None:
-            return 0.0
-        if self.budget == 0:
-            return math.inf if atp > 0 else 0.0
-        return self.lam * atp / self.budget
 
 
 @dataclass

@@ -53,7 +53,7 @@ it). Until ``min_menus`` menus have been seen, λ is ``lam0``. ``binding`` is Tr
 is not. Without a budget nothing is priced (λ = 0, no guard); a budget of 0 prices
 every call that costs anything out.
 
-The interface is :class:`~dreamroute.router.memory.BudgetPacer`'s (``budget``,
+The interface is :class:`~dreamroute.router.dual_pacer.BudgetPacer`'s (``budget``,
 ``lam``, ``spent``, ``n``, ``average``, ``smoothed``, ``binding``, ``charge``,
 ``update``, ``allows``, ``price``), plus ``observe`` (a menu), ``headroom`` and
 ``target``.
@@ -287,10 +287,10 @@ def solve_arrays(V: np.ndarray, A: np.ndarray, rho: float, budget: float, lam_mi
 
 def make_pacer(budget: float | None, config):
     """The pacer a :class:`~dreamroute.config.RouterConfig` asks for: a :class:`SpendController`
-    (``pacer: spend``, the default) or the earlier :class:`~dreamroute.router.memory.BudgetPacer`
+    (``pacer: spend``, the default) or the earlier :class:`~dreamroute.router.dual_pacer.BudgetPacer`
     (``pacer: dual``). Raises ConfigError for a negative budget."""
     if config.pacer == "dual":
-        from .memory import BudgetPacer
+        from .dual_pacer import BudgetPacer
         return BudgetPacer(budget, config.lambda_rate, config.lambda_init, config.pacing_horizon)
     return SpendController(budget, lam0=config.lambda_init, window=config.pacing_window,
                            horizon=config.pacing_bank_horizon, cap=config.pacing_cap, credit=config.pacing_credit,

@@ -1,146 +1,26 @@
-"""Routing policies behind one protocol.
+"""The learned routing policy, and every policy by name.
 
-Every policy implements ``route(request, view) -> Decision`` (commit to a
-first tier before any model answers), ``escalate(decision, call, view)``
-(cascade: the next tier, or None) and ``update(decision, answer, outcomes)``.
-The engine runs the same loop for all of them, live or replayed.
+- ``dreamroute`` (:class:`DreamroutePolicy`): p̂ − λ·ATP/B with Thompson sampling, learned
+  cascade, audits.
+- the baselines ``always:TIER``, ``random[:P]`` and ``cascade[:T]``
+  (:mod:`~dreamroute.router.baselines`).
 
-- ``dreamroute``: p̂ − λ·ATP/B with Thompson sampling, learned cascade, audits.
-- ``always:TIER``: one tier for everything.
-- ``random``: a uniformly random tier, or with ``random:P`` the top tier with
-  probability P and the cheapest otherwise (RouteLLM's random router).
-- ``cascade``: cheapest first, escalate while confidence < threshold
-  (FrugalGPT, Chen et al. 2023; AutoMix, Madaan et al. 2023), ``cascade:T``.
+All of them follow the protocol of :mod:`~dreamroute.router.policy_base`; :func:`make_policy`
+builds one from its name.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 from scipy import special
 
-from ..errors import ConfigError, UnknownTierError
-from .memory import BudgetPacer, Memory, Neighbourhood
+from ..config.policy import parse_policy
+from .baselines import AlwaysPolicy, CascadePolicy, RandomPolicy
+from .policy_base import Policy, RouteView, _Base
 from .types import Answer, Call, Decision, Outcome, Request
-
-
-@dataclass
-class RouteView:
-    """What a policy may look at when deciding: signals, neighbours, learned state, and the
-    tiers ``available`` now (None: all; a tier whose backend failed cools down, and policies
-    do not choose it meanwhile: see ``router.cooldown``)."""
-
-    signals: object
-    hood: Neighbourhood
-    memory: Memory
-    pacer: BudgetPacer
-    prompt_chars: int
-    prompt: str = ""
-    available: list[str] | None = None
-    lam_scale: float = 1.0
-    quality_floor: float | None = None
-
-    def price(self, atp: float) -> float:
-        """The pacer's price of ``atp`` J, scaled by the metabolic state (FOCUS lowers λ for a
-        salient request: ``lam_scale`` < 1)."""
-        return self.pacer.price(atp) * self.lam_scale
-
-
-class Policy(Protocol):
-    name: str
-    audits: bool
-
-    def route(self, request: Request, view: RouteView) -> Decision: ...
-
-    def escalate(self, decision: Decision, call: Call, view: RouteView) -> str | None: ...
-
-    def update(self, decision: Decision, answer: Answer, outcomes: list[Outcome]) -> None: ...
-
-
-class _Base:
-    audits = False
-    needs_surprise = False
-
-    def __init__(self, tiers: list[str], seed: int = 0):
-        self.tiers = list(tiers)
-        self.seed = seed
-        self.rng = np.random.default_rng(seed)
-
-    def _available(self, view: RouteView) -> list[str]:
-        """The tiers the policy may choose now (all but those cooling down; never empty)."""
-        return [t for t in self.tiers if view.available is None or t in view.available] or self.tiers
-
-    def _up(self, tier: str, view: RouteView) -> str | None:
-        """The nearest available tier above ``tier``, or None."""
-        avail = self._available(view)
-        return next((t for t in self.tiers[self.tiers.index(tier) + 1:] if t in avail), None)
-
-    def _decision(self, request: Request, view: RouteView, tier: str, **kw) -> Decision:
-        return Decision(request_id=request.request_id, policy=self.name, tier=tier, signals=view.signals,
-                        lam=view.pacer.lam, **kw)
-
-    def escalate(self, decision: Decision, call: Call, view: RouteView) -> str | None:
-        return None
-
-    def update(self, decision: Decision, answer: Answer, outcomes: list[Outcome]) -> None:
-        return None
-
-
-class AlwaysPolicy(_Base):
-    """Send every request to one tier (while it cools down, the engine's fallback answers)."""
-
-    def __init__(self, tiers: list[str], tier: str, seed: int = 0):
-        super().__init__(tiers, seed)
-        if tier not in tiers:
-            raise UnknownTierError(tier, tiers)
-        self.tier = tier
-        self.name = f"always:{tier}"
-
-    def route(self, request: Request, view: RouteView) -> Decision:
-        return self._decision(request, view, self.tier)
-
-
-class RandomPolicy(_Base):
-    """A random tier: uniform, or the top tier with probability ``p_top`` else the cheapest."""
-
-    def __init__(self, tiers: list[str], p_top: float | None = None, seed: int = 0):
-        super().__init__(tiers, seed)
-        if p_top is not None and not 0.0 <= p_top <= 1.0:
-            raise ConfigError(f"random:P needs P in [0, 1], got {p_top}")
-        self.p_top = p_top
-        self.name = "random" if p_top is None else f"random:{p_top:g}"
-
-    def route(self, request: Request, view: RouteView) -> Decision:
-        avail = self._available(view)
-        if self.p_top is None:
-            tier = avail[int(self.rng.integers(len(avail)))]
-        else:
-            tier = avail[-1] if self.rng.random() < self.p_top else avail[0]
-        return self._decision(request, view, tier)
-
-
-class CascadePolicy(_Base):
-    """Cheapest tier first; escalate one tier up while confidence < ``threshold``.
-
-    A response with no confidence signal (no logprobs, no answer form) is not escalated.
-    """
-
-    def __init__(self, tiers: list[str], threshold: float = 0.5, seed: int = 0):
-        super().__init__(tiers, seed)
-        self.threshold = threshold
-        self.name = f"cascade:{threshold:g}"
-
-    def route(self, request: Request, view: RouteView) -> Decision:
-        return self._decision(request, view, self._available(view)[0])
-
-    def escalate(self, decision: Decision, call: Call, view: RouteView) -> str | None:
-        if call.confidence is not None and call.confidence < self.threshold:
-            return self._up(call.tier, view)
-        return None
 
 
 class DreamroutePolicy(_Base):
@@ -165,7 +45,7 @@ class DreamroutePolicy(_Base):
     graded answers taught: its learned answer judge
     (:class:`~dreamroute.router.judge.AnswerJudge`: the answer's form, length,
     logprobs ...), or before it has one, the outcomes of earlier answers in the
-    same confidence bin (:class:`ConfidenceCalibration`); escalate when the next tier's p̂ exceeds it by more than the next
+    same confidence bin (:class:`~dreamroute.router.calibration.ConfidenceCalibration`); escalate when the next tier's p̂ exceeds it by more than the next
     call's λ-priced ATP (λ is what keeps the average within budget). The confidence below which
     a tier is escalated is thus learned per tier and moves with the budget.
     Audit: with probability a + b·n(x)², budget permitting: only while the
@@ -436,24 +316,16 @@ class DreamroutePolicy(_Base):
 
 
 def make_policy(spec: str, tiers: list[str], config, *, seed: int = 0) -> Policy:
-    """Build a policy from its name: ``dreamroute``, ``always:TIER``, ``random[:P]``, ``cascade[:T]``.
+    """Build a policy from its name: ``dreamroute``, ``always:TIER``, ``random[:P]``, ``cascade[:T]``
+    (the grammar is :func:`dreamroute.config.policy.parse_policy`).
 
     Raises ConfigError (unknown name, bad number) or UnknownTierError.
     """
-    name, _, arg = spec.partition(":")
-    try:
-        if name == "dreamroute" and not arg:
-            return DreamroutePolicy(tiers, config, seed=seed)
-        if name == "always" and arg:
-            return AlwaysPolicy(tiers, arg, seed=seed)
-        if name == "random":
-            return RandomPolicy(tiers, float(arg) if arg else None, seed=seed)
-        if name == "cascade":
-            t = float(arg) if arg else config.escalate_below
-            if not 0.0 <= t <= 1.0:
-                raise ConfigError(f"cascade:T needs a confidence threshold T in [0, 1], got {arg}; e.g. cascade:0.6")
-            return CascadePolicy(tiers, t, seed=seed)
-    except ValueError as e:
-        raise ConfigError(f"policy {spec!r}: {e}; e.g. random:0.3 or cascade:0.6") from e
-    raise ConfigError(f"unknown policy {spec!r}; use dreamroute, always:TIER ({', '.join(tiers)}), "
-                      "random, random:P or cascade:T")
+    p = parse_policy(spec, tiers)
+    if p.kind == "dreamroute":
+        return DreamroutePolicy(tiers, config, seed=seed)
+    if p.kind == "always":
+        return AlwaysPolicy(tiers, p.tier, seed=seed)
+    if p.kind == "random":
+        return RandomPolicy(tiers, p.p_top, seed=seed)
+    return CascadePolicy(tiers, config.escalate_below if p.threshold is None else p.threshold, seed=seed)

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..router.judge import answer_features
 from ..store.sync import SyncCursor, experiences_since
-from ..trust import TrustState
+from ..signals.trust import TrustState
 from .memory import OUTCOME_VALUE, Memory
 
 log = logging.getLogger(__name__)

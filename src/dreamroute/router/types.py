@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..backends.base import CancelCheck, GenOptions, Generation, Message
-from ..signals import Signals
+from ..signals.features import Signals
 
 ROLES = ("chosen", "escalated", "audit")
 

@@ -1,6 +1,6 @@
 """The server's metabolism: acts on the metabolic controller's decisions while the app runs.
 
-The controller (:mod:`dreamroute.metabolic`) decides; this module does, for one app:
+The controller (:mod:`dreamroute.signals.metabolic`) decides; this module does, for one app:
 
 * every ``tick_s`` it measures the DREAM backlog (witnessed successes of the teacher tier
   since the student's last cycle) and calls ``controller.tick``;
@@ -30,7 +30,7 @@ import anyio
 import yaml
 
 from ..dream.select import SUCCESS_WITNESSES
-from ..metabolic import Action, MetabolicController, State
+from ..signals.metabolic import Action, MetabolicController, State
 
 
 class Metabolism:

@@ -67,7 +67,7 @@ class _State:
         m = self.metabolism()
         if m is None:
             return
-        from ..metabolic import State
+        from ..signals.metabolic import State
         state = GaugeMetricFamily("dreamroute_metabolic_state", "1 for the current metabolic state",
                                   labels=["state"])
         for s in State:

@@ -4,7 +4,7 @@ A request pinned to a tier (``model: TIER``) cannot be escalated, so its text is
 it is generated: the backend's ``on_text`` (called in the engine's worker thread) hands each piece
 to the event loop through a queue, and :class:`LiveStream` sends it as a chunk. A routed request
 (``model: dreamroute``) is not streamed this way: the router may read a cheap tier's answer and
-then escalate, so its answer is complete before its first chunk (``app._respond``).
+then escalate, so its answer is complete before its first chunk (``handlers._respond``).
 
 The HTTP status is chosen once the first piece exists: a request refused before any text (a busy
 or cooling tier, a prompt over the limit, a client that left) gets its ordinary error response.

@@ -14,7 +14,7 @@ store's write transaction from the row as the database holds it:
 2. the new value is computed from the locked row by the update's ``op`` (see
    :class:`~dreamroute.store.schema.TrustUpdate`: set, ``observe`` with forgetting γ,
    ``replace`` a verdict with weight γ^d, d from the row's count now) with the formulas of
-   :mod:`dreamroute.trust`;
+   :mod:`dreamroute.signals.trust`;
 3. the row is updated, and the ``trust.update`` ledger entry and the verdict are written
    in the same transaction, carrying the true before and after.
 
@@ -33,8 +33,8 @@ from dreamroute.errors import StoreError
 from dreamroute.store.ledger import append_entries, trust_entries
 from dreamroute.store.schema import TrustUpdate, trust, verdicts
 from dreamroute.store.verdicts import record_verdicts
-from dreamroute.trust import replace_reward
-from dreamroute.trust import update as observe
+from dreamroute.signals.trust import replace_reward
+from dreamroute.signals.trust import update as observe
 
 OPS = (None, "observe", "replace")
 

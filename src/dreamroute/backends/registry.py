@@ -24,11 +24,11 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .config import ModelSource, PackagePart
-from .errors import ModelFileError
+from ..config import ModelSource, PackagePart
+from ..errors import ModelFileError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .config import Settings
+    from ..config import Settings
 
 CHUNK = 1 << 20
 SETUP_HINT = "run the README's setup command `bash scripts/setup.sh`"

@@ -8,24 +8,23 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .cli import ConfigOpt, DbOpt, _errors, _settings, console
+from .common import ConfigOpt, DbOpt, console, existing_store, handle_errors, settings_for
 
 dream_app = typer.Typer(help="DREAM: distill what bigger tiers answered well into a smaller tier (LoRA), "
                              "validate, then promote.", invoke_without_command=True)
 
 
 def _dreamer(config, db, student, teacher, sets=None):
-    from .cli import _existing_store
-    from .dream.dream import Dreamer
-    from .dream.dream_config import DreamConfig
-    settings = _settings(config, db)
+    from ..dream.dream import Dreamer
+    from ..dream.dream_config import DreamConfig
+    settings = settings_for(config, db)
     cfg = DreamConfig.from_sources(settings.dream, sets)  # validate before opening anything
-    store = _existing_store(settings)  # a cycle replays stored experiences: no store, nothing to learn
+    store = existing_store(settings)  # a cycle replays stored experiences: no store, nothing to learn
     return Dreamer(settings, store, cfg, student=student, teacher=teacher, console=console), store
 
 
 @dream_app.callback()
-@_errors
+@handle_errors
 def dream(ctx: typer.Context,
           student: str = typer.Option("tactical", help="Tier that learns."),
           teacher: str = typer.Option("specialized", help="Bigger tier whose correct answers it learns from."),
@@ -38,7 +37,7 @@ def dream(ctx: typer.Context,
     """Run one consolidation cycle (or resume the one that was stopped) and print a before/after report."""
     if ctx.invoked_subcommand is not None:
         return
-    from .eval.runner import write_json
+    from ..eval.runner import write_json
     d, store = _dreamer(config, db, student, teacher, sets)
     try:
         rep = d.run(max_examples=max_examples, dry_run=dry_run)
@@ -65,7 +64,7 @@ def dream(ctx: typer.Context,
 
 
 @dream_app.command("plan")
-@_errors
+@handle_errors
 def dream_plan(student: str = typer.Option("tactical"), teacher: str = typer.Option("specialized"),
                max_examples: Optional[int] = typer.Option(None, min=1), limit: int = typer.Option(10, help="Items shown."),
                config: Optional[Path] = ConfigOpt, db: Optional[str] = DbOpt):
@@ -86,13 +85,12 @@ def dream_plan(student: str = typer.Option("tactical"), teacher: str = typer.Opt
 
 
 @dream_app.command("rollback")
-@_errors
+@handle_errors
 def dream_rollback(tier: str = typer.Option("tactical", help="Tier whose DREAM version is withdrawn."),
                    config: Optional[Path] = ConfigOpt, db: Optional[str] = DbOpt):
     """Serve the version the tier's active DREAM version was trained from (ledgered)."""
-    from .cli import _existing_store
-    from .dream.dream import rollback
-    settings = _settings(config, db)
-    with _existing_store(settings) as store:
+    from ..dream.dream import rollback
+    settings = settings_for(config, db)
+    with existing_store(settings) as store:
         vid = rollback(store, tier)
     console.print(f"tier {tier} now serves version {vid}")

@@ -17,7 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.feature_extraction.text import HashingVectorizer
 
-from .config import RouterConfig
+from ..config import RouterConfig
 
 N_FEATURES = 2**18
 

@@ -6,8 +6,7 @@ an out-of-memory kill is a failed check with its cause, never a dead doctor.
 ``scripts/setup.sh`` runs the same proof before it reports success, and
 ``.ci/run`` runs ``dreamroute doctor`` after setup.
 
-A tier's proof (:func:`prove_tier`, run as ``python -m dreamroute.doctor
-prove``): the tier loads through the backend dreamroute serves with, a prompt
+A tier's proof (:func:`prove_tier`, run as ``python -m dreamroute.cli.doctor prove``): the tier loads through the backend dreamroute serves with, a prompt
 of at least 100 tokens is prefilled as one batch, and a short greedy answer is
 decoded.
 """
@@ -26,8 +25,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import Settings, TierConfig
-from .native import build_key, cmake_args, probe
+from ..config import Settings, TierConfig
+from ..backends.native import build_key, cmake_args, probe
 
 PROVE_PROMPT_TOKENS = 100
 """A tier's proof prefills at least this many prompt tokens in one batch."""
@@ -65,14 +64,14 @@ def _crash_hint(rc: int) -> str:
 
 
 def run_child(args: list[str], timeout_s: float) -> tuple[dict | None, str]:
-    """Run ``python -m dreamroute.doctor ARGS`` and read the JSON line it prints last.
+    """Run ``python -m dreamroute.cli.doctor ARGS`` and read the JSON line it prints last.
 
     Returns:
         ``(result, problem)``: the child's JSON object and ``""``, or ``None`` and what
         went wrong (the signal that killed it, its exit status and last stderr line,
         or the timeout).
     """
-    return run_json([sys.executable, "-m", "dreamroute.doctor", *args], timeout_s)
+    return run_json([sys.executable, "-m", "dreamroute.cli.doctor", *args], timeout_s)
 
 
 def run_json(cmd: list[str], timeout_s: float) -> tuple[dict | None, str]:
@@ -104,7 +103,7 @@ def prove_tier(tier: TierConfig, model_path: Path) -> dict:
     Raises:
         BackendError: the model does not load or llama.cpp fails.
     """
-    from .backends.llama import LlamaBackend
+    from ..backends.llama import LlamaBackend
 
     b = LlamaBackend(tier, model_path)
     b.load()
@@ -155,7 +154,7 @@ def check_llama_build(pr) -> list[Check]:
 
 def check_tiers(settings: Settings, *, prove: bool = True, timeout_s: float = 300) -> list[Check]:
     """Per tier: its weights resolve with the configured sha256, and it loads and answers (a subprocess)."""
-    from .registry import resolve_model
+    from ..backends.registry import resolve_model
 
     out: list[Check] = []
     for tier in settings.tiers:
@@ -219,9 +218,9 @@ def _writable(name: str, path: Path) -> Check:
 
 def check_store(settings: Settings) -> Check:
     """The store opens (migrating it to the latest schema if needed) and reports its version."""
-    from .store.migrations import latest_version
-    from .store.store import Store
-    from .store.url import is_url
+    from ..store.migrations import latest_version
+    from ..store.store import Store
+    from ..config.db_url import is_url
     name = settings.db_display
     if not is_url(settings.db_path) and not Path(settings.db_path).exists():
         return Check("store", True, True, f"{name}: not created yet (the first run creates it, "
@@ -280,7 +279,7 @@ def _main(argv: list[str]) -> int:
     if argv[:1] == ["prove"] and len(argv) == 3:
         print(json.dumps(prove_tier(TierConfig.model_validate_json(argv[1]), Path(argv[2]))))
         return 0
-    print("usage: python -m dreamroute.doctor llama-info | prove TIER_JSON MODEL_PATH", file=sys.stderr)
+    print("usage: python -m dreamroute.cli.doctor llama-info | prove TIER_JSON MODEL_PATH", file=sys.stderr)
     return 2
 
 

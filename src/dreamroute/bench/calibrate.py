@@ -10,9 +10,9 @@ import time
 
 import psutil
 
-from .config import TierConfig
-from .errors import BackendError
-from .backends.base import Backend, Generation, Message
+from ..config import TierConfig
+from ..errors import BackendError
+from ..backends.base import Backend, Generation, Message
 
 _TEXT = (
     "The river town woke slowly under a pale sky. Fishermen checked their nets while the baker "

@@ -20,10 +20,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .bench import _cold, _words
-from .cache.reality import RealityCache
-from .cache.reuse import ConversationKV, Prefill
-from .errors import BackendError
+from .calibrate import _cold, _words
+from ..cache.reality import RealityCache
+from ..cache.reuse import ConversationKV, Prefill
+from ..errors import BackendError
 
 FOLLOW_UP = "Now answer in one short sentence: which animal chased the gulls along the quay?"
 

@@ -15,7 +15,7 @@ The flags key the wheel cache (:func:`build_key`), so a wheel built on another
 host is reused only when this host's probe asks for the same flags.
 
 This module imports nothing outside the standard library: ``scripts/setup.sh``
-runs it (``python src/dreamroute/native.py probe``) before dreamroute or
+runs it (``python src/dreamroute/backends/native.py probe``) before dreamroute or
 llama-cpp-python is installed.
 """
 
@@ -197,7 +197,7 @@ def report(pr: Probe, *, safe: bool = False) -> dict:
 def main(argv: list[str]) -> int:
     """``python native.py probe [--safe]``: print :func:`report` as JSON."""
     if not argv or argv[0] != "probe":
-        print("usage: python -m dreamroute.native probe [--safe]", file=sys.stderr)
+        print("usage: python -m dreamroute.backends.native probe [--safe]", file=sys.stderr)
         return 2
     print(json.dumps(report(probe(), safe="--safe" in argv), indent=2))
     return 0

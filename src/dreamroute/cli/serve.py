@@ -9,15 +9,15 @@ from typing import Optional
 import typer
 from pydantic import ValidationError
 
-from .cli import ConfigOpt, DbOpt, _errors, _settings, console
-from .config import ServerConfig, Settings
-from .errors import ConfigError
+from .common import ConfigOpt, DbOpt, console, handle_errors, settings_for
+from ..config import ServerConfig, Settings
+from ..errors import ConfigError
 
 
 def serve_settings(config: Optional[Path], db: Optional[str], **flags) -> Settings:
     """Settings with the flags given (not None) laid over ``server:`` of the config and the
     environment. Raises ConfigError naming each bad value."""
-    settings = _settings(config, db)
+    settings = settings_for(config, db)
     given = {k: v for k, v in flags.items() if v is not None}
     try:
         server = ServerConfig.model_validate({**settings.server.model_dump(), **given})
@@ -27,7 +27,7 @@ def serve_settings(config: Optional[Path], db: Optional[str], **flags) -> Settin
     return settings.model_copy(update={"server": server})
 
 
-@_errors
+@handle_errors
 def serve(host: Optional[str] = typer.Option(None, help="Interface to listen on (default 127.0.0.1)."),
           port: Optional[int] = typer.Option(None, min=0, max=65535, help="Port (default 8000)."),
           budget: Optional[float] = typer.Option(None, min=0, help="Average ATP per routed request, J."),
@@ -39,7 +39,7 @@ def serve(host: Optional[str] = typer.Option(None, help="Interface to listen on 
     'dreamroute'), /v1/models, /v1/feedback, /v1/trust, /metrics, /health."""
     import uvicorn
 
-    from .server import create_app
+    from ..server import create_app
     settings = serve_settings(config, db, host=host, port=port, budget=budget, policy=policy, api_key=api_key)
     srv = settings.server
     app = create_app(settings)
