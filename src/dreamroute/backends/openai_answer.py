@@ -19,7 +19,7 @@ import httpx
 
 from ..errors import BackendError, GenerationCancelled, OptionError
 from .base import CancelCheck, GenOptions, Generation, Message, TokenLogprob
-from .openai_upstream import _REJECTED, _Rejected, _drain, _estimate_tokens
+from .openai_upstream import REJECTED_STATUS, Rejected, drain, estimate_tokens
 from .options import TextEmitter, earliest_stop, trim_details
 
 
@@ -79,9 +79,9 @@ class OpenAIAnswers:
         broke: httpx.HTTPError | None = None
         try:
             r = self._send_stream(url, req, deadline)
-            if r.status_code in _REJECTED:
+            if r.status_code in REJECTED_STATUS:
                 r.read()
-                raise _Rejected(r)
+                raise Rejected(r)
             if r.status_code >= 400:
                 r.read()
                 raise self._http_error(url, r)
@@ -94,7 +94,7 @@ class OpenAIAnswers:
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    _drain(lines)
+                    drain(lines)
                     break
                 if cancel is not None and cancel():  # leaving closes the stream
                     raise GenerationCancelled(completion_tokens=len(lps) if saw_lps else n_chunks,
@@ -152,8 +152,8 @@ class OpenAIAnswers:
         t0 = time.perf_counter()
         r = self._post(url, req, deadline)
         wall = time.perf_counter() - t0
-        if r.status_code in _REJECTED:
-            raise _Rejected(r)
+        if r.status_code in REJECTED_STATUS:
+            raise Rejected(r)
         if r.status_code >= 400:
             raise self._http_error(url, r)
         try:
@@ -187,8 +187,8 @@ class OpenAIAnswers:
             n_prompt, n_completion = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
         else:
             extra["usage_estimated"] = True
-            n_prompt = sum(_estimate_tokens(m.get("content") or "") + 4 for m in messages)
-            n_completion = len(lps) if lps is not None else (n_chunks or _estimate_tokens(text))
+            n_prompt = sum(estimate_tokens(m.get("content") or "") + 4 for m in messages)
+            n_completion = len(lps) if lps is not None else (n_chunks or estimate_tokens(text))
         cached = ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens")
         if cached is None and timings:
             cached = timings.get("cache_n")

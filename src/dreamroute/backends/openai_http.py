@@ -18,7 +18,7 @@ from ..errors import BackendError, OptionError
 from .base import CancelCheck, Generation, Message
 from .openai_answer import OpenAIAnswers
 from .openai_score import OpenAIScoring
-from .openai_upstream import _STALE, _Rejected, _context_exceeded, _upstream_message, parse_retry_after
+from .openai_upstream import STALE_CONNECTION, Rejected, context_exceeded, upstream_message, parse_retry_after
 from .options import TextEmitter, cancel_now, check_options
 
 
@@ -133,7 +133,7 @@ class OpenAIBackend(OpenAIAnswers, OpenAIScoring):
         for attempt in (0, 1):
             try:
                 return self.client.post(url, json=body, headers=self._headers(), timeout=self._left(deadline))
-            except _STALE as e:  # sent again once: a kept-alive connection the server had dropped
+            except STALE_CONNECTION as e:  # sent again once: a kept-alive connection the server had dropped
                 if attempt:
                     raise self._fail(url, e) from e
             except httpx.HTTPError as e:
@@ -146,7 +146,7 @@ class OpenAIBackend(OpenAIAnswers, OpenAIScoring):
                                             timeout=self._left(deadline))
         try:
             return self.client.send(request, stream=True)
-        except _STALE:
+        except STALE_CONNECTION:
             return self.client.send(request, stream=True)
 
     def _http_error(self, url: str, r: httpx.Response) -> BackendError:
@@ -154,7 +154,7 @@ class OpenAIBackend(OpenAIAnswers, OpenAIScoring):
         parsed Retry-After (seconds or an HTTP-date; None when absent)."""
         wait = parse_retry_after(r.headers.get("retry-after"))
         return BackendError(f"tier {self.tier.name!r}: {url} answered HTTP {r.status_code}"
-                            + (f" (Retry-After: {wait:g} s)" if wait is not None else "") + f": {_upstream_message(r)}",
+                            + (f" (Retry-After: {wait:g} s)" if wait is not None else "") + f": {upstream_message(r)}",
                             status=r.status_code, retry_after_s=wait)
 
     def load(self) -> None:
@@ -223,11 +223,11 @@ class OpenAIBackend(OpenAIAnswers, OpenAIScoring):
                     gen = self._stream(url, req, messages, opts, cancel, emit, deadline)
                 else:
                     gen = self._plain(url, req, messages, opts, deadline)
-            except _Rejected as rej:
+            except Rejected as rej:
                 # asked again without streaming, then without logprobs; what the server takes is
                 # remembered once it answered. A prompt longer than the model's context is the
                 # request's fault, not a missing option: refused at once, nothing remembered.
-                if _context_exceeded(rej.response):
+                if context_exceeded(rej.response):
                     raise self._http_error(url, rej.response) from None
                 refused = rej.response if refused is None else refused
                 if stream_ok:

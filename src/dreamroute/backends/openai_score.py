@@ -16,7 +16,7 @@ import httpx
 
 from ..errors import BackendError
 from .base import Message
-from .openai_upstream import _REJECTED, _context_exceeded, _upstream_message
+from .openai_upstream import REJECTED_STATUS, context_exceeded, upstream_message
 
 
 def _echo_shift(tokens, tops) -> bool | None:
@@ -66,7 +66,7 @@ class OpenAIScoring:
                     tokens = r.json().get("tokens")
                     if isinstance(tokens, list) and tokens and all(isinstance(t, int) for t in tokens):
                         return tokens
-                if r.status_code in _REJECTED:
+                if r.status_code in REJECTED_STATUS:
                     self._tokenize_ok = False
             except (httpx.HTTPError, ValueError):
                 pass
@@ -89,11 +89,11 @@ class OpenAIScoring:
         r = self._post(url, body)
         if r.status_code in (429, 503):  # overloaded, not incapable: the engine cools the tier
             raise self._http_error(url, r)
-        if r.status_code >= 400 and _context_exceeded(r):  # this prompt is too long; others score
+        if r.status_code >= 400 and context_exceeded(r):  # this prompt is too long; others score
             raise self._http_error(url, r)
         if r.status_code >= 400:
-            why = f"{url} answered HTTP {r.status_code}: {_upstream_message(r)}"
-            if r.status_code in _REJECTED:
+            why = f"{url} answered HTTP {r.status_code}: {upstream_message(r)}"
+            if r.status_code in REJECTED_STATUS:
                 raise self._unsupported(why)
             raise BackendError(f"tier {self.tier.name!r}: server does not return prompt logprobs ({why})")
         try:

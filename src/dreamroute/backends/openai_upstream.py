@@ -2,13 +2,13 @@
 (used by :mod:`.openai_http` and its mixins :mod:`.openai_answer` and :mod:`.openai_score`).
 
 * :func:`parse_retry_after` reads a ``Retry-After`` header (seconds or an HTTP-date).
-* ``_upstream_message`` and ``_context_exceeded`` read an error answer: its message, and whether
+* ``upstream_message`` and ``context_exceeded`` read an error answer: its message, and whether
   it says the prompt does not fit the model's context.
-* ``_REJECTED`` (the status codes of a refused option) and ``_Rejected`` (raised to ask again
+* ``REJECTED_STATUS`` (the status codes of a refused option) and ``Rejected`` (raised to ask again
   without streaming or logprobs).
-* ``_STALE`` (the errors of a kept-alive connection the server dropped) and ``_drain`` (read a
+* ``STALE_CONNECTION`` (the errors of a kept-alive connection the server dropped) and ``drain`` (read a
   stream to its end so that its connection is reused).
-* ``_estimate_tokens``: a token count where a server sends no usage.
+* ``estimate_tokens``: a token count where a server sends no usage.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 
 import httpx
 
-_REJECTED = (400, 404, 405, 415, 422, 501)
+REJECTED_STATUS = (400, 404, 405, 415, 422, 501)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -44,17 +44,17 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return secs if math.isfinite(secs) and secs >= 0 else None
 
 
-def _estimate_tokens(text: str) -> int:
+def estimate_tokens(text: str) -> int:
     """Rough token count (4 characters a token, the usual rule of thumb for BPE vocabularies)."""
     return max(1, math.ceil(len(text) / 4)) if text else 0
 
 
 # A kept-alive connection the server dropped (llama-cpp-python's server resets one after an error
 # inside a stream) fails the next request sent on it before any answer: that request is sent again.
-_STALE = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
-def _drain(lines) -> None:
+def drain(lines) -> None:
     """Read what follows ``data: [DONE]`` (the end of the chunked body) so that the connection goes
     back to the pool: httpx closes a connection whose response is closed before its end, and every
     call then opened a new one (the OpenAI SDK drains its streams the same way). A failure here
@@ -66,7 +66,7 @@ def _drain(lines) -> None:
         pass
 
 
-def _upstream_message(r: httpx.Response) -> str:
+def upstream_message(r: httpx.Response) -> str:
     """The message of an upstream's error answer: ``error.message`` (OpenAI, vLLM, llama-server,
     llama-cpp-python), ``error`` as a string (Ollama), ``message`` or ``detail`` (FastAPI), else
     the body's first 300 characters."""
@@ -86,7 +86,7 @@ def _upstream_message(r: httpx.Response) -> str:
     return r.text[:300]
 
 
-def _context_exceeded(r: httpx.Response) -> bool:
+def context_exceeded(r: httpx.Response) -> bool:
     """Whether an error answer says the prompt does not fit the model's context (OpenAI's, vLLM's
     and llama-cpp-python's "maximum context length" / ``context_length_exceeded``, llama-server's
     "exceeds the available context size"): the request's fault, not an option the server lacks."""
@@ -94,7 +94,7 @@ def _context_exceeded(r: httpx.Response) -> bool:
     return any(w in text for w in ("context length", "context_length", "context window", "context size"))
 
 
-class _Rejected(Exception):
+class Rejected(Exception):
     """The server refused a request option (stream / logprobs); retry without it."""
 
     def __init__(self, response: httpx.Response):

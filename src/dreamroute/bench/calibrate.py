@@ -27,7 +27,7 @@ _TEXT = (
 ).split()
 
 
-def _words(n: int, offset: int) -> str:
+def filler_words(n: int, offset: int) -> str:
     """``n`` words of the fixed text, starting ``offset`` words in (wrapping)."""
     return " ".join(_TEXT[(offset + i) % len(_TEXT)] for i in range(n))
 
@@ -36,10 +36,11 @@ def _prompt(tag: str, n_words: int, offset: int, ask: str) -> list[Message]:
     # The tag leads the system message, so no two measurements share more than the
     # template's first few tokens even where a backend cannot empty its cache.
     return [{"role": "system", "content": f"{tag}. You are a careful reader."},
-            {"role": "user", "content": f"{_words(n_words, offset)}\n\n{ask}"}]
+            {"role": "user", "content": f"{filler_words(n_words, offset)}\n\n{ask}"}]
 
 
-def _cold(backend: Backend) -> None:
+def cold_cache(backend: Backend) -> None:
+    """Empty the backend's KV cache where it can (``reset``), so the next call prefills from nothing."""
     reset = getattr(backend, "reset", None)
     if callable(reset):
         reset()
@@ -54,7 +55,7 @@ def _fastest_decode(backend: Backend, r: int, best: Generation | None) -> Genera
     for i, ask in enumerate(("Continue this story for several paragraphs.",
                              "Write a long, detailed description of the town.",
                              "Count from 1 to 100, separated by commas.")):
-        _cold(backend)
+        cold_cache(backend)
         g = backend.generate(_prompt(f"Measurement {3 + i}.{r}", 40, 40 * i, ask), max_tokens=64, temperature=0.0)
         if g.completion_tokens >= 2 and g.decode_s > 0 and (
                 best is None or best.completion_tokens < 2
@@ -109,11 +110,11 @@ def bench_tier(backend: Backend, tier: TierConfig, repeats: int = 3) -> dict:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     ttft = long = best = None
     for r in range(repeats):
-        _cold(backend)
+        cold_cache(backend)
         g = backend.generate(_prompt(f"Measurement one.{r}", 72, 0, "Summarise this in one line."),
                              max_tokens=1, temperature=0.0)
         ttft = g if ttft is None or g.prefill_s < ttft.prefill_s else ttft
-        _cold(backend)
+        cold_cache(backend)
         g = backend.generate(_prompt(f"Measurement two.{r}", 300, 17, "What time does the clock show?"),
                              max_tokens=1, temperature=0.0)
         if long is None or (g.prefill_s / max(g.prompt_tokens - g.cached_tokens, 1)
@@ -124,7 +125,7 @@ def bench_tier(backend: Backend, tier: TierConfig, repeats: int = 3) -> dict:
     if best is None or best.completion_tokens < 2 or best.decode_s <= 0:
         raise BackendError(f"tier {tier.name!r}: the model stopped after {best.completion_tokens} "
                            "tokens on every decode prompt; cannot time decoding")
-    _cold(backend)
+    cold_cache(backend)
     return {
         "tier": tier.name,
         "model": tier.model,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .calibrate import _cold, _words
+from .calibrate import cold_cache, filler_words
 from ..cache.reality import RealityCache
 from ..cache.reuse import ConversationKV, Prefill
 from ..errors import BackendError
@@ -32,7 +32,7 @@ def _conversation(backend, n_tokens: int, tag: str) -> list[dict]:
     """A user turn of about ``n_tokens`` tokens (fitted with the backend's tokenizer)."""
     words = max(8, int(n_tokens * 0.75))
     for _ in range(4):
-        msgs = [{"role": "user", "content": f"{tag}. Read this.\n\n{_words(words, 0)}"}]
+        msgs = [{"role": "user", "content": f"{tag}. Read this.\n\n{filler_words(words, 0)}"}]
         got = len(backend.prompt_tokens(msgs))
         if abs(got - n_tokens) <= max(8, n_tokens // 50):
             break
@@ -41,7 +41,7 @@ def _conversation(backend, n_tokens: int, tag: str) -> list[dict]:
 
 
 def _follow_up() -> dict:
-    return {"role": "user", "content": f"{_words(28, 17)}. {FOLLOW_UP}"}
+    return {"role": "user", "content": f"{filler_words(28, 17)}. {FOLLOW_UP}"}
 
 
 def theoretical_bytes_per_token(backend) -> float | None:
@@ -67,7 +67,7 @@ def _ttft(backend, messages) -> tuple[float, object]:
 
 def _prepare(kv: ConversationKV, tier: str, backend, conv: str, first: list[dict]) -> list[dict]:
     """Answer the first turn on ``backend`` and store its state; returns the conversation so far."""
-    _cold(backend)
+    cold_cache(backend)
     g = backend.generate(first, max_tokens=24, temperature=0.0)
     if not kv.save(tier, backend, conv, g.prompt_tokens):
         raise BackendError(f"could not store the KV state: {kv.errors[-1]}")
@@ -100,9 +100,9 @@ def bench_kv(backends: dict, tier: str, up: str | None, *, contexts=(500, 2000, 
             conv = f"bench-{tier}-{n}"
             history = _prepare(kv, tier, b, conv, _conversation(b, n, f"Conversation {n}"))
             msgs = history + [_follow_up()]
-            _cold(b)
+            cold_cache(b)
             cold, gc = _ttft(b, msgs)
-            _cold(b)  # nothing held: the state comes from disk
+            cold_cache(b)  # nothing held: the state comes from disk
             r = kv.restore(tier, b, conv, msgs)
             if not r.hit:
                 raise BackendError(f"the stored state was not reused ({r.reason})")
@@ -132,13 +132,13 @@ def _handoff(kv: ConversationKV, tier: str, b, up: str, bu, n: int) -> dict:
     conv = f"bench-handoff-{n}"
     history = _prepare(kv, tier, b, conv, _conversation(b, n, f"Handoff {n}"))
     msgs = history + [_follow_up()]
-    _cold(bu)
+    cold_cache(bu)
     cold, gc = _ttft(bu, msgs)
-    _cold(bu)
+    cold_cache(bu)
     res = kv.run_prefill(Prefill(up, conv, history), bu)
     if res is None:
         raise BackendError(f"the warm-handoff prefill failed: {kv.errors[-1] if kv.errors else '?'}")
-    _cold(bu)  # the next turn finds the state on disk
+    cold_cache(bu)  # the next turn finds the state on disk
     r = kv.restore(up, bu, conv, msgs)
     if not r.hit:
         raise BackendError(f"the handoff state was not reused ({r.reason})")

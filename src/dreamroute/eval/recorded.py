@@ -74,9 +74,9 @@ from pathlib import Path
 
 from dreamroute.errors import WorkloadError
 
-from .recorded_io import _json_lines
-from .recorded_outcomes import _load_outcomes
-from .recorded_routellm import CONTAMINATED_FILE, _load_routellm
+from .recorded_io import json_lines
+from .recorded_outcomes import load_outcomes
+from .recorded_routellm import CONTAMINATED_FILE, load_routellm
 from .recorded_set import RecordedSet, recorded_digest
 
 __all__ = ["load_recorded"]
@@ -117,9 +117,9 @@ def load_recorded(path: str | Path, *, tier_order: list[str] | None = None) -> R
                             f"({listing}); put each kind in its own directory.")
     kind = kinds[files[0]]
     if kind == "routellm":
-        tiers, items, dropped, models = _load_routellm(files)
+        tiers, items, dropped, models = load_routellm(files)
     else:
-        tiers, items, models = _load_outcomes(files)
+        tiers, items, models = load_outcomes(files)
         dropped = 0
     if tier_order is not None:
         if sorted(tier_order) != sorted(tiers) or len(set(tier_order)) != len(tier_order):
@@ -138,7 +138,7 @@ def _detect_kind(path: Path) -> str:
     if path.suffix == ".jsonl":
         try:
             with path.open("rb") as fh:
-                for _lineno, rec in _json_lines(fh, path, "write one JSON object per line"):
+                for _lineno, rec in json_lines(fh, path, "write one JSON object per line"):
                     if isinstance(rec, dict) and "tier" in rec and "correct" in rec:
                         return "outcomes"
                     break

@@ -14,30 +14,30 @@ from typing import NoReturn
 from dreamroute.errors import WorkloadError
 
 
-def _fail(path: Path, where: str, what: str, fix: str) -> NoReturn:
+def fail_line(path: Path, where: str, what: str, fix: str) -> NoReturn:
     """Raise WorkloadError ``{path}:{where}: {what}; {fix}.``"""
     raise WorkloadError(f"{path}:{where}: {what}; {fix}.")
 
 
-def _utf8_lines(fh, path: Path):
+def utf8_lines(fh, path: Path):
     """Lines (ends kept) of a file opened in binary mode, decoded as UTF-8 one at a time;
     a byte that is not UTF-8 raises WorkloadError naming the line and column."""
     for lineno, raw in enumerate(fh, start=1):
         try:
             yield raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
         except UnicodeDecodeError as exc:
-            _fail(path, f"{lineno}: column {exc.start + 1}",
+            fail_line(path, f"{lineno}: column {exc.start + 1}",
                   f"byte 0x{raw[exc.start]:02x} is not UTF-8 ({exc.reason})",
                   "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT`)")
 
 
-def _json_lines(fh, path: Path, fix: str):
+def json_lines(fh, path: Path, fix: str):
     """(line number, decoded record) for each non-blank line of an open JSONL file;
     a line that is not JSON raises WorkloadError naming it, with ``fix``."""
-    for lineno, line in enumerate(_utf8_lines(fh, path), start=1):
+    for lineno, line in enumerate(utf8_lines(fh, path), start=1):
         if not line.strip():
             continue
         try:
             yield lineno, json.loads(line)
         except json.JSONDecodeError as exc:
-            _fail(path, str(lineno), f"not valid JSON ({exc.msg} at column {exc.colno})", fix)
+            fail_line(path, str(lineno), f"not valid JSON ({exc.msg} at column {exc.colno})", fix)

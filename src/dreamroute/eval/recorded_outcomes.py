@@ -3,7 +3,7 @@ writes and the legacy local_tiers format, grouped into items by key.
 
 The format (required and optional fields, legacy GSM8K lines, tier order) is described in
 :mod:`dreamroute.eval.recorded`, whose :func:`~dreamroute.eval.recorded.load_recorded` calls
-:func:`_load_outcomes`.
+:func:`load_outcomes`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from dreamroute.errors import ConfigError, WorkloadError
 
-from .recorded_io import _fail, _json_lines
+from .recorded_io import fail_line, json_lines
 from .recorded_set import RecordedCall, RecordedItem
 
 _NUMERIC_RE = re.compile(r"\s*-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?\s*")
@@ -36,32 +36,32 @@ def _opt_number(path: Path, lineno: int, rec: dict, name: str, *, integer: bool 
     if not ok:
         kind = "a whole number" if integer else "a number"
         rng = " >= 0" if low == 0 else (" <= 0" if high == 0 else "")
-        _fail(path, str(lineno), f"'{name}' must be {kind}{rng} or null, got {v!r}", _OUTCOME_FIX)
+        fail_line(path, str(lineno), f"'{name}' must be {kind}{rng} or null, got {v!r}", _OUTCOME_FIX)
     return int(v) if integer else float(v)
 
 
 def _opt_str(path: Path, lineno: int, rec: dict, name: str) -> str | None:
     v = rec.get(name)
     if v is not None and not isinstance(v, str):
-        _fail(path, str(lineno), f"'{name}' must be a string or null, got {type(v).__name__}", _OUTCOME_FIX)
+        fail_line(path, str(lineno), f"'{name}' must be a string or null, got {type(v).__name__}", _OUTCOME_FIX)
     return v
 
 
 def _outcome_line(path: Path, lineno: int, rec: Any) -> tuple[str, str, str | None, str | None, RecordedCall]:
     """(key, prompt, gold, grader, call) of one recorded-outcome line."""
     if not isinstance(rec, dict):
-        _fail(path, str(lineno), f"expected a JSON object, got {type(rec).__name__}", _OUTCOME_FIX)
+        fail_line(path, str(lineno), f"expected a JSON object, got {type(rec).__name__}", _OUTCOME_FIX)
     tier = rec.get("tier")
     if not isinstance(tier, str) or not tier.strip():
-        _fail(path, str(lineno), "missing or empty 'tier'", _OUTCOME_FIX)
+        fail_line(path, str(lineno), "missing or empty 'tier'", _OUTCOME_FIX)
     correct = rec.get("correct")
     if not isinstance(correct, bool):
-        _fail(path, str(lineno), f"'correct' must be true or false, got {correct!r} (replay needs graded "
+        fail_line(path, str(lineno), f"'correct' must be true or false, got {correct!r} (replay needs graded "
               "outcomes)", _OUTCOME_FIX)
     bare = _opt_str(path, lineno, rec, "prompt")
     sent = _opt_str(path, lineno, rec, "sent_prompt")
     if not (sent or bare):
-        _fail(path, str(lineno), "no 'prompt' or 'sent_prompt' string", _OUTCOME_FIX)
+        fail_line(path, str(lineno), "no 'prompt' or 'sent_prompt' string", _OUTCOME_FIX)
     model = _opt_str(path, lineno, rec, "model") or ""
     grader = _opt_str(path, lineno, rec, "grader")
     if grader is not None:
@@ -70,21 +70,21 @@ def _outcome_line(path: Path, lineno: int, rec: Any) -> tuple[str, str, str | No
         try:
             get_grader(grader)
         except ConfigError as exc:
-            _fail(path, str(lineno), str(exc).rstrip("."), "fix the line's 'grader'")
+            fail_line(path, str(lineno), str(exc).rstrip("."), "fix the line's 'grader'")
         grader = grader.strip().lower()
     gold = rec.get("gold")
     if isinstance(gold, bool) or not isinstance(gold, (str, int, float, type(None))):
-        _fail(path, str(lineno), f"'gold' must be a string, number or null, got {type(gold).__name__}",
+        fail_line(path, str(lineno), f"'gold' must be a string, number or null, got {type(gold).__name__}",
               _OUTCOME_FIX)
     gold = None if gold is None else str(gold)
     key = rec.get("key")
     index = rec.get("index")
     if key is not None and (isinstance(key, bool) or not isinstance(key, (str, int))):
-        _fail(path, str(lineno), f"'key' must be a string or integer, got {type(key).__name__}", _OUTCOME_FIX)
+        fail_line(path, str(lineno), f"'key' must be a string or integer, got {type(key).__name__}", _OUTCOME_FIX)
     if index is not None and (isinstance(index, bool) or not isinstance(index, int)):
-        _fail(path, str(lineno), f"'index' must be an integer, got {index!r}", _OUTCOME_FIX)
+        fail_line(path, str(lineno), f"'index' must be an integer, got {index!r}", _OUTCOME_FIX)
     if key is None and index is None:
-        _fail(path, str(lineno), "neither 'key' nor 'index' names the item", _OUTCOME_FIX)
+        fail_line(path, str(lineno), "neither 'key' nor 'index' names the item", _OUTCOME_FIX)
     legacy = sent is None and grader is None and gold is not None and _NUMERIC_RE.fullmatch(gold) is not None
     if legacy:  # local_tiers: a bare GSM8K question, sent through the GSM8K template
         from dreamroute.eval.workloads import GSM8K_PROMPT
@@ -108,7 +108,7 @@ def _outcome_line(path: Path, lineno: int, rec: Any) -> tuple[str, str, str | No
     return key, prompt, gold, grader, call
 
 
-def _load_outcomes(files: list[Path]) -> tuple[list[str], list[RecordedItem], dict[str, str]]:
+def load_outcomes(files: list[Path]) -> tuple[list[str], list[RecordedItem], dict[str, str]]:
     """(tiers cheapest first, items, tier → model) of recorded-outcome JSONL ``files``."""
     groups: dict[str, dict] = {}  # key → {prompt, gold, grader, calls, where}
     tier_first: list[str] = []
@@ -119,7 +119,7 @@ def _load_outcomes(files: list[Path]) -> tuple[list[str], list[RecordedItem], di
         except OSError as exc:
             raise WorkloadError(f"cannot read recorded outcomes {str(path)!r}: {exc}.") from exc
         with fh:
-            for lineno, rec in _json_lines(fh, path, "write one JSON object per line (a line cut short by a "
+            for lineno, rec in json_lines(fh, path, "write one JSON object per line (a line cut short by a "
                                                      "kill is repaired by rerunning `dreamroute collect` "
                                                      "with the same --out)"):
                 key, prompt, gold, grader, call = _outcome_line(path, lineno, rec)
@@ -132,11 +132,11 @@ def _load_outcomes(files: list[Path]) -> tuple[list[str], list[RecordedItem], di
                     for name, val in (("prompt", prompt), ("gold", gold), ("grader", grader)):
                         if g[name] != val:
                             first = next(iter(g["where"].values()))
-                            _fail(path, str(lineno), f"item {key!r} has a different {name} than on {first}",
+                            fail_line(path, str(lineno), f"item {key!r} has a different {name} than on {first}",
                                   "lines of one item must share prompt, gold and grader; give different "
                                   "items different keys")
                 if call.tier in g["calls"]:
-                    _fail(path, str(lineno), f"item {key!r} already has a line for tier {call.tier!r} "
+                    fail_line(path, str(lineno), f"item {key!r} already has a line for tier {call.tier!r} "
                           f"({g['where'][call.tier]})", "keep one line per item and tier")
                 g["calls"][call.tier] = call
                 g["where"][call.tier] = where

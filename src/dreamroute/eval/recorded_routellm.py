@@ -3,7 +3,7 @@ read as the tiers ``weak`` and ``strong``, with contaminated prompts dropped.
 
 The format (columns, which model is strong, cost, grader, keys, ``contaminated_prompts.jsonl``)
 is described in :mod:`dreamroute.eval.recorded`, whose
-:func:`~dreamroute.eval.recorded.load_recorded` calls :func:`_load_routellm`.
+:func:`~dreamroute.eval.recorded.load_recorded` calls :func:`load_routellm`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dreamroute.errors import WorkloadError
 
-from .recorded_io import _fail, _json_lines, _utf8_lines
+from .recorded_io import fail_line, json_lines, utf8_lines
 from .recorded_set import RecordedCall, RecordedItem
 
 __all__ = ["CONTAMINATED_FILE", "ROUTELLM_COST"]
@@ -34,9 +34,9 @@ def _contaminated(directory: Path) -> set[str]:
         return set()
     out: set[str] = set()
     with path.open("rb") as fh:
-        for lineno, rec in _json_lines(fh, path, "write one JSON object per line with an 'eval_prompt' string"):
+        for lineno, rec in json_lines(fh, path, "write one JSON object per line with an 'eval_prompt' string"):
             if not isinstance(rec, dict) or not isinstance(rec.get("eval_prompt"), str):
-                _fail(path, str(lineno), "no 'eval_prompt' string",
+                fail_line(path, str(lineno), "no 'eval_prompt' string",
                       "each line needs {\"eval_prompt\": str} (the contaminated prompt, as in the CSV)")
             out.add(rec["eval_prompt"])
     return out
@@ -50,18 +50,18 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, int, list[str]]]]:
     except OSError as exc:
         raise WorkloadError(f"cannot read RouteLLM CSV {str(path)!r}: {exc}.") from exc
     with fh:
-        reader = csv.reader(_utf8_lines(fh, path))
+        reader = csv.reader(utf8_lines(fh, path))
         try:
             header = next(reader, None)
             if header is None:
-                _fail(path, "1", "the file is empty", _CSV_FIX)
+                fail_line(path, "1", "the file is empty", _CSV_FIX)
             start = reader.line_num + 1
             for fields in reader:
                 if fields:  # csv yields [] for a blank line
                     rows.append((len(rows), start, fields))
                 start = reader.line_num + 1
         except csv.Error as exc:
-            _fail(path, str(reader.line_num), f"not valid CSV ({exc})", _CSV_FIX)
+            fail_line(path, str(reader.line_num), f"not valid CSV ({exc})", _CSV_FIX)
     return header, rows
 
 
@@ -71,10 +71,10 @@ def _parse_bool(path: Path, where: str, column: str, value: str) -> bool:
         return True
     if v in _FALSE:
         return False
-    _fail(path, where, f"column {column!r} must be True or False, got {value!r}", _CSV_FIX)
+    fail_line(path, where, f"column {column!r} must be True or False, got {value!r}", _CSV_FIX)
 
 
-def _load_routellm(files: list[Path]) -> tuple[list[str], list[RecordedItem], int, dict[str, str]]:
+def load_routellm(files: list[Path]) -> tuple[list[str], list[RecordedItem], int, dict[str, str]]:
     """(tiers ``weak``/``strong``, items, rows dropped as contaminated, tier → model) of the
     RouteLLM CSV ``files``."""
     models: list[str] | None = None
@@ -84,14 +84,14 @@ def _load_routellm(files: list[Path]) -> tuple[list[str], list[RecordedItem], in
     for path in files:
         header, rows = _read_csv(path)
         if "prompt" not in header:
-            _fail(path, "1", f"no 'prompt' column in the header {header}", _CSV_FIX)
+            fail_line(path, "1", f"no 'prompt' column in the header {header}", _CSV_FIX)
         file_models = [h for h in header if h != "prompt" and not h.endswith("_response")]
         if len(file_models) != 2:
-            _fail(path, "1", f"expected exactly two model columns, found {file_models}", _CSV_FIX)
+            fail_line(path, "1", f"expected exactly two model columns, found {file_models}", _CSV_FIX)
         if models is None:
             models = file_models
         elif set(file_models) != set(models):
-            _fail(path, "1", f"models {file_models} differ from {models} in {files[0].name}",
+            fail_line(path, "1", f"models {file_models} differ from {models} in {files[0].name}",
                   "every file of a directory must compare the same two models")
         col = {h: i for i, h in enumerate(header)}
         directory = path.parent
@@ -102,10 +102,10 @@ def _load_routellm(files: list[Path]) -> tuple[list[str], list[RecordedItem], in
         for row, lineno, fields in rows:
             where = f"row {row} (line {lineno})"
             if len(fields) != len(header):
-                _fail(path, where, f"{len(fields)} fields where the header has {len(header)}", _CSV_FIX)
+                fail_line(path, where, f"{len(fields)} fields where the header has {len(header)}", _CSV_FIX)
             prompt = fields[col["prompt"]]
             if not prompt.strip():
-                _fail(path, where, "empty prompt", _CSV_FIX)
+                fail_line(path, where, "empty prompt", _CSV_FIX)
             correct = {m: _parse_bool(path, where, m, fields[col[m]]) for m in models}
             responses = {m: (fields[col[f"{m}_response"]] if f"{m}_response" in col else None) for m in models}
             if prompt in contaminated:

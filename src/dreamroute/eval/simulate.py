@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..api import DreamRoute
 from ..backends.replay import ReplayBackend, ReplayCursor
 from ..config import Settings, TierConfig
-from ..router.policy_base import _Base
+from ..router.policy_base import BasePolicy
 from ..router.types import Outcome, Request
 from ..store.store import Store
 from . import metrics
@@ -33,7 +33,7 @@ from .recorded import load_recorded
 from .recorded_set import RecordedItem, RecordedSet, oracle_tier
 
 
-class OraclePolicy(_Base):
+class OraclePolicy(BasePolicy):
     """The cheapest tier whose recorded answer is correct (the cheapest tier if none is),
     as in RouterBench's oracle. Only replay can run it: it reads the recording."""
 

@@ -14,11 +14,11 @@ pinned requests (``always:TIER``) use one; none of them learns anything.
 from __future__ import annotations
 
 from ..errors import ConfigError, UnknownTierError
-from .policy_base import RouteView, _Base
+from .policy_base import RouteView, BasePolicy
 from .types import Call, Decision, Request
 
 
-class AlwaysPolicy(_Base):
+class AlwaysPolicy(BasePolicy):
     """Send every request to one tier (while it cools down, the engine's fallback answers)."""
 
     def __init__(self, tiers: list[str], tier: str, seed: int = 0):
@@ -32,7 +32,7 @@ class AlwaysPolicy(_Base):
         return self._decision(request, view, self.tier)
 
 
-class RandomPolicy(_Base):
+class RandomPolicy(BasePolicy):
     """A random tier: uniform, or the top tier with probability ``p_top`` else the cheapest."""
 
     def __init__(self, tiers: list[str], p_top: float | None = None, seed: int = 0):
@@ -51,7 +51,7 @@ class RandomPolicy(_Base):
         return self._decision(request, view, tier)
 
 
-class CascadePolicy(_Base):
+class CascadePolicy(BasePolicy):
     """Cheapest tier first; escalate one tier up while confidence < ``threshold``.
 
     A response with no confidence signal (no logprobs, no answer form) is not escalated.

@@ -19,11 +19,11 @@ from scipy import special
 
 from ..config.policy import parse_policy
 from .baselines import AlwaysPolicy, CascadePolicy, RandomPolicy
-from .policy_base import Policy, RouteView, _Base
+from .policy_base import Policy, RouteView, BasePolicy
 from .types import Answer, Call, Decision, Outcome, Request
 
 
-class DreamroutePolicy(_Base):
+class DreamroutePolicy(BasePolicy):
     """The trust router (DESIGN.md steps 3–6).
 
     For each tier t: the neighbours give s_t successes in m_t trials among

@@ -57,7 +57,7 @@ class Policy(Protocol):
     def update(self, decision: Decision, answer: Answer, outcomes: list[Outcome]) -> None: ...
 
 
-class _Base:
+class BasePolicy:
     """What the policies share: their tiers and seeded RNG, the tiers available now, a
     :class:`~dreamroute.router.types.Decision` in their name, and no escalation or learning
     unless they add it."""

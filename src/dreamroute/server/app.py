@@ -60,7 +60,7 @@ from .errors import APIError, install
 from .generation import Disconnect
 from .guard import Guard
 from .dashboard import dashboard_data, dashboard_page
-from .handlers import _answer, _feedback, _live, _priority, _respond, _summary, derive_conversation_id
+from .handlers import answer_chat, record_feedback, stream_pinned, request_priority, chat_response, answer_summary, derive_conversation_id
 from .metabolism import Metabolism
 from .schema import ChatCompletionRequest, DreamrouteInfo, FeedbackRequest, MetabolicRequest, Usage
 from .state import ServerState
@@ -135,7 +135,7 @@ def create_app(settings: Settings, *, dr: DreamRoute | None = None,
         messages = body.chat()
         if not any(m["role"] == "user" and m["content"].strip() for m in messages):
             raise APIError(400, "messages need a user message with text.", param="messages")
-        priority = _priority(body, request)
+        priority = request_priority(body, request)
         header_conv = request.headers.get(CONV_HEADER)
         if header_conv is not None and not 1 <= len(header_conv) <= 200:
             raise APIError(400, f"{CONV_HEADER} must be 1 to 200 characters, got {len(header_conv)}.",
@@ -150,17 +150,17 @@ def create_app(settings: Settings, *, dr: DreamRoute | None = None,
                                   fast_path=True, cached_from=hit.request_id, conversation_id=conv)
             usage = Usage(prompt_tokens=hit.prompt_tokens, completion_tokens=hit.completion_tokens,
                           total_tokens=hit.prompt_tokens + hit.completion_tokens)
-            return _respond(body, rid, hit.text, "stop", usage, info)
+            return chat_response(body, rid, hit.text, "stop", usage, info)
         deadline = st.deadline()   # for the tiers' turns (the wait for a worker has its own)
         if body.stream and tier is not None and not (options.logprobs or options.top_logprobs):
-            return _live(st, body, t0, messages, tier, conv, priority, max_tokens, options, deadline)
+            return stream_pinned(st, body, t0, messages, tier, conv, priority, max_tokens, options, deadline)
         gone = Disconnect()  # set when the client disconnects: the generation stops within a token
-        ans = await gone.guard(request, lambda: st.run(_answer, st, messages, tier, conv, priority, max_tokens,
+        ans = await gone.guard(request, lambda: st.run(answer_chat, st, messages, tier, conv, priority, max_tokens,
                                                        options, gone, deadline, request=True, cancel=gone))
         st.answered += 1
         st.metrics.answered(ans, "forced" if tier else "routed", time.perf_counter() - t0)
-        usage, info = _summary(ans, conv)
-        return _respond(body, ans.request.request_id, ans.text, ans.final.generation.finish_reason, usage, info,
+        usage, info = answer_summary(ans, conv)
+        return chat_response(body, ans.request.request_id, ans.text, ans.final.generation.finish_reason, usage, info,
                         BackgroundTask(st.idle), ans.final.generation.token_details)
 
     @app.get("/v1/models")
@@ -174,7 +174,7 @@ def create_app(settings: Settings, *, dr: DreamRoute | None = None,
 
     @app.post("/v1/feedback")
     async def feedback(body: FeedbackRequest) -> dict:
-        return await st.run(_feedback, st, st.fast.resolve(body.id), body)
+        return await st.run(record_feedback, st, st.fast.resolve(body.id), body)
 
     @app.get("/v1/trust")
     async def trust() -> dict:

@@ -64,7 +64,7 @@ def count_prompt_tokens(dr: DreamRoute, messages: list[Message], tier: str | Non
         return sum(len(m["content"]) + 16 for m in messages) // 4
 
 
-def _answer(st: ServerState, messages, tier, conv, priority, max_tokens, options=None, cancel=None,
+def answer_chat(st: ServerState, messages, tier, conv, priority, max_tokens, options=None, cancel=None,
             deadline: float | None = None, on_text=None, request_id: str | None = None):
     """In a worker thread: refuse a named tier that is cooling down (503, nothing called), check the
     prompt's length, then answer (waiting for the tiers' turns until ``deadline``, monotonic s)."""
@@ -88,7 +88,7 @@ def _answer(st: ServerState, messages, tier, conv, priority, max_tokens, options
                           request_id=request_id)
 
 
-def _feedback(st: ServerState, rid: str, body: FeedbackRequest) -> dict:
+def record_feedback(st: ServerState, rid: str, body: FeedbackRequest) -> dict:
     """In a worker thread, under the engine's state lock: a user's verdict on a response (witness
     ``user:api``)."""
     with st.dr.engine.state:
@@ -109,7 +109,7 @@ def _feedback_locked(st: ServerState, rid: str, body: FeedbackRequest) -> dict:
             "trust_after": st.dr.memory.trust.get(vid, ctx).mean}
 
 
-def _summary(ans: Answer, conv: str | None) -> tuple[Usage, DreamrouteInfo]:
+def answer_summary(ans: Answer, conv: str | None) -> tuple[Usage, DreamrouteInfo]:
     """An answer's ``usage`` and ``dreamroute`` object."""
     gens = [c.generation for c in ans.calls]
     p, c = sum(g.prompt_tokens for g in gens), sum(g.completion_tokens for g in gens)
@@ -124,7 +124,7 @@ def _summary(ans: Answer, conv: str | None) -> tuple[Usage, DreamrouteInfo]:
     return usage, info
 
 
-def _live(st: ServerState, body: ChatCompletionRequest, t0: float, messages, tier: str, conv, priority,
+def stream_pinned(st: ServerState, body: ChatCompletionRequest, t0: float, messages, tier: str, conv, priority,
           max_tokens: int, options, deadline: float) -> LiveStream:
     """The stream of a pinned request, sent as it is generated (:mod:`.streaming`)."""
     rid = uuid.uuid4().hex
@@ -133,14 +133,14 @@ def _live(st: ServerState, body: ChatCompletionRequest, t0: float, messages, tie
     extra = {"usage": None} if with_usage else {}
 
     async def work(on_text, gone: Disconnect) -> Answer:
-        ans = await st.run(_answer, st, messages, tier, conv, priority, max_tokens, options, gone, deadline, on_text,
+        ans = await st.run(answer_chat, st, messages, tier, conv, priority, max_tokens, options, gone, deadline, on_text,
                            rid, request=True, cancel=gone)
         st.answered += 1
         st.metrics.answered(ans, "forced", time.perf_counter() - t0)
         return ans
 
     def tail(ans: Answer) -> bytes:
-        usage, info = _summary(ans, conv)
+        usage, info = answer_summary(ans, conv)
         out = [_sse(chunk(cid, body.model, created, {}, ans.final.generation.finish_reason,
                           dreamroute=info.model_dump(), **extra))]
         if with_usage:
@@ -152,7 +152,7 @@ def _live(st: ServerState, body: ChatCompletionRequest, t0: float, messages, tie
                       lambda err: st.metrics.error(err.status, err.code or err.type, True), BackgroundTask(st.idle))
 
 
-def _respond(body: ChatCompletionRequest, rid: str, text: str, finish: str, usage: Usage, info: DreamrouteInfo,
+def chat_response(body: ChatCompletionRequest, rid: str, text: str, finish: str, usage: Usage, info: DreamrouteInfo,
              background: BackgroundTask | None = None, details=None) -> Response:
     """The chat completion (or its stream) of an answer; ``details``: its token details when
     ``logprobs`` was asked (``choices[0].logprobs``, per chunk in a stream)."""
@@ -185,7 +185,9 @@ def _sse(obj: dict) -> str:
     return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
 
 
-def _priority(body: ChatCompletionRequest, request: Request) -> float:
+def request_priority(body: ChatCompletionRequest, request: Request) -> float:
+    """The request's priority in [0, 1] (SNARC's arousal): the ``x-dreamroute-priority`` header, else the
+    body's ``priority``, else 0. Raises APIError (400) for a header that is no number in [0, 1]."""
     raw = request.headers.get(PRIORITY_HEADER)
     if raw is None:
         return body.priority or 0.0
