@@ -158,3 +158,15 @@ def test_tier_lora_adapter_must_exist(tmp_path):
     p.write_text(yaml.safe_dump(cfg))
     r = runner.invoke(app, ["run", "builtin:arithmetic?n=1", "--config", str(p), "--db", str(tmp_path / "s.db")])
     assert r.exit_code == 2 and "missing-adapter.gguf does not exist" in " ".join(r.output.split())
+
+
+def test_python_dash_m_runs_the_same_command_line():
+    """``python -m dreamroute.cli`` is ``dreamroute`` (the old single-module CLI crashed on a
+    circular import when run this way)."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "dreamroute.cli", "trust", "--db", "/nonexistent/none.db"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "StoreError: no store at /nonexistent/none.db" in r.stderr + r.stdout
+    assert "Traceback" not in r.stderr and "RuntimeWarning" not in r.stderr
