@@ -13,7 +13,6 @@ probability for ``random``); each point and seed starts from an empty store.
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 

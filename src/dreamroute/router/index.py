@@ -194,7 +194,6 @@ class ExperienceIndex:
         cosine. ``exact`` searches every block exactly (to measure recall)."""
         q = np.ascontiguousarray(q, dtype=np.float32)
         outcome, direct = self.outcome, self.direct
-        all_rows, all_sims, per_tier = [], [], []
         considered, known_rows, known_sims, per_tier = [], [], [], []
         for t in range(self.n_tiers):
             fetch = self._blocks[t].rows.n if exact else max(self.fetch, k)
